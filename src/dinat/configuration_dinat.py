@@ -1,0 +1,197 @@
+"""DinatConfig: the fields, names and defaults of transformers' DiNAT config, validated, plus the paper's presets."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+# The paper's variants, as in the original repository (SHI-Labs/Neighborhood-Attention-Transformer).
+_DILATIONS_224 = [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1] * 5]
+_DILATIONS_384 = [[1, 13, 1], [1, 6, 1, 6], [1, 3] * 9, [1] * 5]
+_DEEP = [3, 4, 18, 5]
+PRESETS: dict[str, dict[str, Any]] = {
+    "mini": dict(depths=[3, 4, 6, 5], num_heads=[2, 4, 8, 16], embed_dim=64, mlp_ratio=3.0, drop_path_rate=0.2,
+                 dilations=[[1, 8, 1], [1, 4, 1, 4], [1, 2] * 3, [1] * 5]),
+    "tiny": dict(depths=_DEEP, num_heads=[2, 4, 8, 16], embed_dim=64, mlp_ratio=3.0, drop_path_rate=0.2,
+                 dilations=_DILATIONS_224),
+    "small": dict(depths=_DEEP, num_heads=[3, 6, 12, 24], embed_dim=96, mlp_ratio=2.0, drop_path_rate=0.3,
+                  dilations=_DILATIONS_224),
+    "base": dict(depths=_DEEP, num_heads=[4, 8, 16, 32], embed_dim=128, mlp_ratio=2.0, drop_path_rate=0.5,
+                 layer_scale_init_value=1e-5, dilations=_DILATIONS_224),
+    "large": dict(depths=_DEEP, num_heads=[6, 12, 24, 48], embed_dim=192, mlp_ratio=2.0, drop_path_rate=0.35,
+                  dilations=_DILATIONS_224),
+    "large-384": dict(depths=_DEEP, num_heads=[6, 12, 24, 48], embed_dim=192, mlp_ratio=2.0,
+                      drop_path_rate=0.35, dilations=_DILATIONS_384),
+    "large-11x11-384": dict(depths=_DEEP, num_heads=[6, 12, 24, 48], embed_dim=192, mlp_ratio=2.0,
+                            drop_path_rate=0.35, kernel_size=11, dilations=_DILATIONS_224),
+}
+
+# Written by transformers' config but derived from other fields: accepted on load, recomputed here.
+_DERIVED_KEYS = ("hidden_size", "num_layers", "stage_names")
+
+
+class DinatConfig(PreTrainedConfig):
+    r"""Configuration of a DiNAT model, with the same fields and defaults as transformers' `DinatConfig`.
+
+    The defaults describe DiNAT-mini (`shi-labs/dinat-mini-in1k-224`). `DinatConfig.from_preset("tiny")` builds
+    the paper's other variants. Every layer of stage `i` has kernel `kernel_size` and dilation `dilations[i][j]`.
+    Backbone outputs are chosen with `out_features` (names from `stage_names`: "stem", "stage1", ...) or
+    `out_indices`.
+    """
+
+    model_type = "dinat"
+    attribute_map = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"}
+
+    def __init__(
+        self,
+        patch_size: int = 4,
+        num_channels: int = 3,
+        embed_dim: int = 64,
+        depths: list[int] = (3, 4, 6, 5),
+        num_heads: list[int] = (2, 4, 8, 16),
+        kernel_size: int = 7,
+        dilations: list[list[int]] | None = None,
+        mlp_ratio: float = 3.0,
+        qkv_bias: bool = True,
+        hidden_dropout_prob: float = 0.0,
+        attention_probs_dropout_prob: float = 0.0,
+        drop_path_rate: float = 0.1,
+        hidden_act: str = "gelu",
+        initializer_range: float = 0.02,
+        layer_norm_eps: float = 1e-5,
+        layer_scale_init_value: float = 0.0,
+        out_features: list[str] | None = None,
+        out_indices: list[int] | None = None,
+        **kwargs,
+    ):
+        for key in _DERIVED_KEYS:
+            kwargs.pop(key, None)
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.embed_dim = embed_dim
+        self.depths = list(depths)
+        self.num_heads = list(num_heads)
+        self.kernel_size = kernel_size
+        if dilations is None:
+            dilations = [[1, 8, 1], [1, 4, 1, 4], [1, 2, 1, 2, 1, 2], [1, 1, 1, 1, 1]]
+        self.dilations = [list(stage) for stage in dilations]
+        self.mlp_ratio = mlp_ratio
+        self.qkv_bias = qkv_bias
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.drop_path_rate = drop_path_rate
+        self.hidden_act = hidden_act
+        self.initializer_range = initializer_range
+        self.layer_norm_eps = layer_norm_eps
+        self.layer_scale_init_value = layer_scale_init_value
+        self._validate()
+        self.num_layers = len(self.depths)
+        self.hidden_size = int(embed_dim * 2 ** (len(self.depths) - 1))  # width of the last stage
+        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
+        self._out_features, self._out_indices = _align_out_features(self.stage_names, out_features, out_indices)
+        super().__init__(**kwargs)
+
+    # -- validation -------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        def positive_int(name, value):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DinatConfig.{name} must be a positive integer, got {value!r}")
+
+        if self.patch_size != 4:
+            raise ValueError(f"DinatConfig.patch_size must be 4 (the patch embedding is two stride-2 convs, and "
+                             f"every released DiNAT checkpoint uses 4), got {self.patch_size!r}")
+        positive_int("num_channels", self.num_channels)
+        positive_int("embed_dim", self.embed_dim)
+        if isinstance(self.kernel_size, bool) or not isinstance(self.kernel_size, int) \
+                or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"DinatConfig.kernel_size must be an odd integer >= 1, got {self.kernel_size!r}")
+        if not self.depths:
+            raise ValueError("DinatConfig.depths must name at least one stage")
+        for i, depth in enumerate(self.depths):
+            positive_int(f"depths[{i}]", depth)
+        if len(self.num_heads) != len(self.depths):
+            raise ValueError(f"DinatConfig.num_heads has {len(self.num_heads)} entries but depths has "
+                             f"{len(self.depths)}: give one head count per stage")
+        if len(self.dilations) != len(self.depths):
+            raise ValueError(f"DinatConfig.dilations has {len(self.dilations)} stages but depths has "
+                             f"{len(self.depths)}: give one list of dilations per stage")
+        for i, (depth, heads, stage_dilations) in enumerate(zip(self.depths, self.num_heads, self.dilations)):
+            positive_int(f"num_heads[{i}]", heads)
+            if len(stage_dilations) != depth:
+                raise ValueError(f"DinatConfig.dilations[{i}] has {len(stage_dilations)} values but depths[{i}] is "
+                                 f"{depth}: give one dilation per layer")
+            for j, dilation in enumerate(stage_dilations):
+                if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+                    raise ValueError(f"DinatConfig.dilations[{i}][{j}] must be an integer >= 1, got {dilation!r}")
+            width = self.embed_dim * 2 ** i
+            if width % heads:
+                raise ValueError(f"DinatConfig: stage {i} width {width} (embed_dim * 2**{i}) is not divisible by "
+                                 f"num_heads[{i}] = {heads}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"DinatConfig.mlp_ratio must be positive, got {self.mlp_ratio!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"DinatConfig.{name} must be in [0, 1), got {value!r}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"DinatConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        if self.layer_scale_init_value < 0:
+            raise ValueError(f"DinatConfig.layer_scale_init_value must be >= 0, got {self.layer_scale_init_value!r}")
+
+    # -- backbone outputs ---------------------------------------------------------------------------
+    @property
+    def out_features(self) -> list[str]:
+        return self._out_features
+
+    @out_features.setter
+    def out_features(self, value: list[str] | None) -> None:
+        self._out_features, self._out_indices = _align_out_features(self.stage_names, value, None)
+
+    @property
+    def out_indices(self) -> list[int]:
+        return self._out_indices
+
+    @out_indices.setter
+    def out_indices(self, value: list[int] | None) -> None:
+        self._out_features, self._out_indices = _align_out_features(self.stage_names, None, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["out_features"] = output.pop("_out_features", None)
+        output["out_indices"] = output.pop("_out_indices", None)
+        return output
+
+    # -- presets --------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "DinatConfig":
+        """A config for one of the paper's variants: mini, tiny, small, base, large, large-384, large-11x11-384."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown DiNAT preset {name!r}; choose one of {sorted(PRESETS)}")
+        fields = copy.deepcopy(PRESETS[name])
+        fields.update(overrides)
+        return cls(**fields)
+
+
+def _align_out_features(stage_names: list[str], out_features, out_indices) -> tuple[list[str], list[int]]:
+    """Fill in whichever of out_features / out_indices is missing; default to the last stage."""
+    if out_features is not None:
+        unknown = [name for name in out_features if name not in stage_names]
+        if unknown:
+            raise ValueError(f"DinatConfig.out_features {unknown} are not stage names; choose from {stage_names}")
+        indices = [stage_names.index(name) for name in out_features]
+        if out_indices is not None and [i % len(stage_names) for i in out_indices] != indices:
+            raise ValueError(f"DinatConfig.out_features {out_features} and out_indices {out_indices} disagree")
+    elif out_indices is not None:
+        if any(not -len(stage_names) <= i < len(stage_names) for i in out_indices):
+            raise ValueError(f"DinatConfig.out_indices {out_indices} out of range for {len(stage_names)} stages")
+        indices = [i % len(stage_names) for i in out_indices]
+    else:
+        indices = [len(stage_names) - 1]
+    if indices != sorted(set(indices)):
+        raise ValueError(f"DinatConfig.out_features/out_indices must be increasing without repeats, got {indices}")
+    return [stage_names[i] for i in indices], indices
+
+
+__all__ = ["DinatConfig", "PRESETS"]

@@ -1,0 +1,581 @@
+"""DiNAT: Dilated Neighborhood Attention Transformer (Hassani & Shi, arXiv 2209.15001).
+
+Reads top to bottom: patch embedding -> four stages of neighborhood-attention layers, each stage but the
+last ending in a strided-conv downsampler -> final norm -> pooled features -> classifier head.
+Module and parameter names match transformers' DiNAT, so hub checkpoints load as they are.
+Feature maps are channels-last, (batch, height, width, channels), between modules.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BackboneOutput
+from transformers.utils import ModelOutput
+
+from . import ops
+from .configuration_dinat import DinatConfig
+
+
+# -------------------------------------------------------------------------------------------------
+# Outputs
+# -------------------------------------------------------------------------------------------------
+@dataclass
+class DinatEncoderOutput(ModelOutput):
+    """hidden_states: (B, H, W, C) per stage (embeddings first); reshaped_hidden_states: the same as (B, C, H, W);
+    attentions: (B, heads, H, W, K*K) of each stage's last layer."""
+
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    reshaped_hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class DinatModelOutput(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None  # (B, H/32, W/32, C) after the final norm
+    pooler_output: torch.Tensor | None = None  # (B, C) mean over positions
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    reshaped_hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class DinatImageClassifierOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, num_labels)
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    reshaped_hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+# -------------------------------------------------------------------------------------------------
+# Embeddings and downsampling
+# -------------------------------------------------------------------------------------------------
+class DinatPatchEmbeddings(nn.Module):
+    """Two stride-2 3x3 convs: (B, 3, H, W) -> (B, H/4, W/4, embed_dim) (sizes rounded up)."""
+
+    def __init__(self, config: DinatConfig):
+        super().__init__()
+        self.num_channels = config.num_channels
+        self.projection = nn.Sequential(
+            nn.Conv2d(config.num_channels, config.embed_dim // 2, kernel_size=3, stride=2, padding=1),
+            nn.Conv2d(config.embed_dim // 2, config.embed_dim, kernel_size=3, stride=2, padding=1),
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(pixel_values).permute(0, 2, 3, 1)
+
+
+class DinatEmbeddings(nn.Module):
+    def __init__(self, config: DinatConfig):
+        super().__init__()
+        self.patch_embeddings = DinatPatchEmbeddings(config)
+        self.norm = nn.LayerNorm(config.embed_dim)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.norm(self.patch_embeddings(pixel_values)))
+
+
+class DinatDownsampler(nn.Module):
+    """Stride-2 3x3 conv doubling the width: (B, H, W, C) -> (B, H/2, W/2, 2C)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.reduction = nn.Conv2d(dim, 2 * dim, kernel_size=3, stride=2, padding=1, bias=False)
+        self.norm = nn.LayerNorm(2 * dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.reduction(hidden_states.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.norm(hidden_states)
+
+
+# -------------------------------------------------------------------------------------------------
+# Neighborhood attention
+# -------------------------------------------------------------------------------------------------
+class NeighborhoodAttention(nn.Module):
+    """Multi-head (dilated) neighborhood attention with relative positional bias (rpb)."""
+
+    def __init__(self, config: DinatConfig, dim: int, num_heads: int, kernel_size: int, dilation: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.query = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.key = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.value = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def _heads_first(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape  # (B, H, W, C) -> (B, heads, H, W, head_dim)
+        return x.view(batch, height, width, self.num_heads, self.head_dim).permute(0, 3, 1, 2, 4)
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        batch, height, width, channels = hidden_states.shape
+        q = self._heads_first(self.query(hidden_states))
+        k = self._heads_first(self.key(hidden_states))
+        v = self._heads_first(self.value(hidden_states))
+        scale = 1.0 / math.sqrt(self.head_dim)
+
+        weights = None
+        if output_attentions or (self.training and self.dropout.p > 0):
+            # unfused: the (B, heads, H, W, K*K) weights are returned or dropped out
+            scores = ops.na2d_qk(q * scale, k, self.kernel_size, self.dilation, rpb=self.rpb)
+            weights = self.dropout(scores.softmax(dim=-1))
+            context = ops.na2d_av(weights, v, self.kernel_size, self.dilation)
+        else:
+            context = ops.na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb, scale=scale)
+
+        context = context.permute(0, 2, 3, 1, 4).reshape(batch, height, width, channels)
+        return context, (weights if output_attentions else None)
+
+
+class NeighborhoodAttentionOutput(nn.Module):
+    def __init__(self, config: DinatConfig, dim: int):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(hidden_states))
+
+
+class NeighborhoodAttentionModule(nn.Module):
+    def __init__(self, config: DinatConfig, dim: int, num_heads: int, kernel_size: int, dilation: int):
+        super().__init__()
+        self.self = NeighborhoodAttention(config, dim, num_heads, kernel_size, dilation)
+        self.output = NeighborhoodAttentionOutput(config, dim)
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        context, weights = self.self(hidden_states, output_attentions)
+        return self.output(context), weights
+
+
+# -------------------------------------------------------------------------------------------------
+# MLP, drop path, layer
+# -------------------------------------------------------------------------------------------------
+class DinatIntermediate(nn.Module):
+    def __init__(self, config: DinatConfig, dim: int):
+        super().__init__()
+        self.dense = nn.Linear(dim, int(config.mlp_ratio * dim))
+        self.intermediate_act_fn = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class DinatOutput(nn.Module):
+    def __init__(self, config: DinatConfig, dim: int):
+        super().__init__()
+        self.dense = nn.Linear(int(config.mlp_ratio * dim), dim)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(hidden_states))
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples' residual branch with probability drop_prob, rescale the rest."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep_prob)
+    return x * mask / keep_prob
+
+
+class DinatDropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return drop_path(hidden_states, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class DinatLayer(nn.Module):
+    """Pre-norm block: x + NA(LN(x)), then x + MLP(LN(x)); optional layer scale on both branches."""
+
+    def __init__(self, config: DinatConfig, dim: int, num_heads: int, dilation: int, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.kernel_size = config.kernel_size
+        self.dilation = dilation
+        self.window_size = self.kernel_size * self.dilation
+        self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attention = NeighborhoodAttentionModule(config, dim, num_heads, config.kernel_size, dilation)
+        self.drop_path = DinatDropPath(drop_path_rate)
+        self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.intermediate = DinatIntermediate(config, dim)
+        self.output = DinatOutput(config, dim)
+        self.layer_scale_parameters = (
+            nn.Parameter(config.layer_scale_init_value * torch.ones((2, dim)))
+            if config.layer_scale_init_value > 0 else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        batch, height, width, _ = hidden_states.shape
+        shortcut = hidden_states
+        hidden_states = self.layernorm_before(hidden_states)
+        # a map smaller than the dilated window is zero-padded at the bottom/right, as the reference does;
+        # padded tokens are not masked (their keys/values are the projection biases)
+        pad_h, pad_w = max(0, self.window_size - height), max(0, self.window_size - width)
+        if pad_h or pad_w:
+            hidden_states = F.pad(hidden_states, (0, 0, 0, pad_w, 0, pad_h))
+        attention_output, weights = self.attention(hidden_states, output_attentions)
+        if pad_h or pad_w:
+            attention_output = attention_output[:, :height, :width, :].contiguous()
+
+        if self.layer_scale_parameters is not None:
+            attention_output = self.layer_scale_parameters[0] * attention_output
+        hidden_states = shortcut + self.drop_path(attention_output)
+
+        mlp_output = self.output(self.intermediate(self.layernorm_after(hidden_states)))
+        if self.layer_scale_parameters is not None:
+            mlp_output = self.layer_scale_parameters[1] * mlp_output
+        return hidden_states + self.drop_path(mlp_output), weights
+
+
+# -------------------------------------------------------------------------------------------------
+# Stages and encoder
+# -------------------------------------------------------------------------------------------------
+class DinatStage(nn.Module):
+    def __init__(self, config: DinatConfig, dim: int, depth: int, num_heads: int, dilations: list[int],
+                 drop_path_rate: list[float], downsample: bool):
+        super().__init__()
+        self.dim = dim
+        self.layers = nn.ModuleList(
+            DinatLayer(config, dim, num_heads, dilations[i], drop_path_rate[i]) for i in range(depth))
+        self.downsample = DinatDownsampler(dim) if downsample else None
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        """Returns (output, output before downsampling, weights of the last layer or None)."""
+        weights = None
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden_states, weights = torch.utils.checkpoint.checkpoint(
+                    layer, hidden_states, output_attentions, use_reentrant=False)
+            else:
+                hidden_states, weights = layer(hidden_states, output_attentions)
+        before_downsampling = hidden_states
+        if self.downsample is not None:
+            hidden_states = self.downsample(before_downsampling)
+        return hidden_states, before_downsampling, weights
+
+
+class DinatEncoder(nn.Module):
+    def __init__(self, config: DinatConfig):
+        super().__init__()
+        self.num_levels = len(config.depths)
+        # drop path grows linearly over all layers of all stages
+        rates = [x.item() for x in torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu")]
+        self.levels = nn.ModuleList(
+            DinatStage(
+                config,
+                dim=int(config.embed_dim * 2 ** i),
+                depth=config.depths[i],
+                num_heads=config.num_heads[i],
+                dilations=config.dilations[i],
+                drop_path_rate=rates[sum(config.depths[:i]):sum(config.depths[:i + 1])],
+                downsample=i < self.num_levels - 1,
+            )
+            for i in range(self.num_levels)
+        )
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False,
+                output_hidden_states: bool = False, output_hidden_states_before_downsampling: bool = False,
+                return_dict: bool = True):
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_reshaped = (hidden_states.permute(0, 3, 1, 2),) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+
+        for stage in self.levels:
+            hidden_states, before_downsampling, weights = stage(hidden_states, output_attentions)
+            if output_hidden_states:
+                kept = before_downsampling if output_hidden_states_before_downsampling else hidden_states
+                all_hidden += (kept,)
+                all_reshaped += (kept.permute(0, 3, 1, 2),)
+            if output_attentions:
+                all_attentions += (weights,)
+
+        if not return_dict:
+            return tuple(v for v in (hidden_states, all_hidden, all_attentions, all_reshaped) if v is not None)
+        return DinatEncoderOutput(last_hidden_state=hidden_states, hidden_states=all_hidden,
+                                  attentions=all_attentions, reshaped_hidden_states=all_reshaped)
+
+
+# -------------------------------------------------------------------------------------------------
+# Pretrained-model plumbing (init, from_pretrained / save_pretrained come from transformers)
+# -------------------------------------------------------------------------------------------------
+def check_pixel_values(pixel_values: torch.Tensor, num_channels: int) -> None:
+    """Raise a ValueError that says what was expected, before torch fails deep inside a conv."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"pixel_values must be a torch.Tensor of shape (batch, {num_channels}, height, width), "
+                         f"got {type(pixel_values).__name__}")
+    if pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values must be 4-D (batch, {num_channels}, height, width), "
+                         f"got shape {tuple(pixel_values.shape)}")
+    if not pixel_values.is_floating_point():
+        raise ValueError(f"pixel_values must be a floating-point tensor (normalized images), got {pixel_values.dtype}; "
+                         "use DinatImageProcessor or convert with .float()")
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values is an empty batch (batch size 0)")
+    if pixel_values.shape[1] != num_channels:
+        raise ValueError(f"pixel_values has {pixel_values.shape[1]} channels but the model expects {num_channels} "
+                         f"(config.num_channels); expected shape (batch, {num_channels}, height, width), "
+                         f"got {tuple(pixel_values.shape)}")
+    if pixel_values.shape[2] == 0 or pixel_values.shape[3] == 0:
+        raise ValueError(f"pixel_values has an empty image: shape {tuple(pixel_values.shape)}")
+
+
+class DinatPreTrainedModel(PreTrainedModel):
+    config_class = DinatConfig
+    config: DinatConfig
+    base_model_prefix = "dinat"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DinatLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, NeighborhoodAttention):
+            init.trunc_normal_(module.rpb, std=std)  # as the original NAT/DiNAT code
+        elif isinstance(module, DinatLayer) and module.layer_scale_parameters is not None:
+            init.constant_(module.layer_scale_parameters, self.config.layer_scale_init_value)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
+        for module in self.modules():
+            if isinstance(module, DinatStage):
+                module.gradient_checkpointing = enable
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        self._set_gradient_checkpointing(True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._set_gradient_checkpointing(False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    def set_grad_checkpointing(self, enable: bool = True, stages: list[int] | None = None) -> None:
+        """timm-style switch; `stages` limits it to some stage indices (default: all)."""
+        for i, stage in enumerate(self._stages()):
+            if stages is None or i in stages:
+                stage.gradient_checkpointing = enable
+
+    def _stages(self) -> list[DinatStage]:
+        return [m for m in self.modules() if isinstance(m, DinatStage)]
+
+
+def _resolve(value, default):
+    return default if value is None else value
+
+
+class DinatModel(DinatPreTrainedModel):
+    """The DiNAT trunk: (B, C, H, W) pixels -> (B, H/32, W/32, C_last) features and their mean."""
+
+    def __init__(self, config: DinatConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.num_levels = len(config.depths)
+        self.num_features = int(config.embed_dim * 2 ** (self.num_levels - 1))
+        self.embeddings = DinatEmbeddings(config)
+        self.encoder = DinatEncoder(config)
+        self.layernorm = nn.LayerNorm(self.num_features, eps=config.layer_norm_eps)
+        self.pooler = nn.AdaptiveAvgPool1d(1) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> DinatPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    def forward(self, pixel_values: torch.Tensor | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs):
+        output_attentions = _resolve(output_attentions, self.config.output_attentions)
+        output_hidden_states = _resolve(output_hidden_states, self.config.output_hidden_states)
+        return_dict = _resolve(return_dict, self.config.return_dict)
+        if pixel_values is None:
+            raise ValueError("DinatModel needs pixel_values of shape (batch, channels, height, width)")
+        check_pixel_values(pixel_values, self.config.num_channels)
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection[0].weight.dtype)
+
+        embedding_output = self.embeddings(pixel_values)  # (B, H/4, W/4, C)
+        encoder_outputs = self.encoder(embedding_output, output_attentions=output_attentions,
+                                       output_hidden_states=output_hidden_states, return_dict=True)
+        sequence_output = self.layernorm(encoder_outputs.last_hidden_state)  # (B, H/32, W/32, C_last)
+        pooled_output = None
+        if self.pooler is not None:
+            pooled_output = self.pooler(sequence_output.flatten(1, 2).transpose(1, 2)).flatten(1)  # (B, C_last)
+
+        if not return_dict:
+            rest = (encoder_outputs.hidden_states, encoder_outputs.attentions, encoder_outputs.reshaped_hidden_states)
+            return (sequence_output, pooled_output) + tuple(v for v in rest if v is not None)
+        return DinatModelOutput(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=encoder_outputs.hidden_states,
+            attentions=encoder_outputs.attentions,
+            reshaped_hidden_states=encoder_outputs.reshaped_hidden_states,
+        )
+
+
+class DinatForImageClassification(DinatPreTrainedModel):
+    """DiNAT with a linear head on the mean of the last stage's features."""
+
+    def __init__(self, config: DinatConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.dinat = DinatModel(config)
+        self.classifier = (nn.Linear(self.dinat.num_features, config.num_labels)
+                           if config.num_labels > 0 else nn.Identity())
+        self.post_init()
+
+    # timm-style entry points
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> normalized last-stage features (B, H/32, W/32, C_last)."""
+        return self.dinat(pixel_values, return_dict=True).last_hidden_state
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, h, w, C_last) features -> logits (B, num_labels), or the pooled features if pre_logits."""
+        pooled = features.mean(dim=(1, 2))
+        return pooled if pre_logits else self.classifier(pooled)
+
+    def reset_classifier(self, num_labels: int, id2label: dict[int, str] | None = None) -> None:
+        """Replace the head with a freshly initialized one for `num_labels` classes (0: no head)."""
+        self.num_labels = num_labels
+        self.config.num_labels = num_labels
+        if id2label is not None:
+            self.config.id2label = {int(k): v for k, v in id2label.items()}
+            self.config.label2id = {v: int(k) for k, v in id2label.items()}
+        param = self.dinat.layernorm.weight
+        self.classifier = (nn.Linear(self.dinat.num_features, num_labels, device=param.device, dtype=param.dtype)
+                           if num_labels > 0 else nn.Identity())
+        if num_labels > 0:
+            nn.init.normal_(self.classifier.weight, std=self.config.initializer_range)
+            nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **kwargs):
+        return_dict = _resolve(return_dict, self.config.return_dict)
+        outputs = self.dinat(pixel_values, output_attentions=output_attentions,
+                             output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.classifier(outputs.pooler_output)
+        loss = None if labels is None else self.compute_loss(logits, labels)
+
+        if not return_dict:
+            rest = (outputs.hidden_states, outputs.attentions, outputs.reshaped_hidden_states)
+            output = (logits,) + tuple(v for v in rest if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return DinatImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                          attentions=outputs.attentions,
+                                          reshaped_hidden_states=outputs.reshaped_hidden_states)
+
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Loss by config.problem_type, inferred as transformers does when unset."""
+        labels = labels.to(logits.device)
+        problem_type = self.config.problem_type
+        if problem_type is None:
+            if self.num_labels == 1:
+                problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem_type = "single_label_classification"
+            else:
+                problem_type = "multi_label_classification"
+        if problem_type == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+            return F.mse_loss(logits, labels.to(logits.dtype))
+        if problem_type == "single_label_classification":
+            labels = labels.view(-1)
+            if labels.is_floating_point():
+                raise ValueError("single-label classification needs integer class labels, got "
+                                 f"{labels.dtype}")
+            if labels.numel() and (labels.min() < -100 or labels.max() >= self.num_labels):
+                raise ValueError(f"labels must be class indices in [0, {self.num_labels}), got values from "
+                                 f"{labels.min().item()} to {labels.max().item()}")
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels)
+        if problem_type == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        raise ValueError(f"unknown problem_type {problem_type!r}")
+
+
+class DinatBackbone(DinatPreTrainedModel):
+    """Multi-scale features for detection/segmentation: normalized (B, C, H, W) maps of `config.out_features`."""
+
+    has_attentions = True
+
+    def __init__(self, config: DinatConfig):
+        super().__init__(config)
+        self.stage_names = config.stage_names
+        self.embeddings = DinatEmbeddings(config)
+        self.encoder = DinatEncoder(config)
+        self.num_features = [config.embed_dim] + [int(config.embed_dim * 2 ** i) for i in range(len(config.depths))]
+        self.hidden_states_norms = nn.ModuleDict(
+            {stage: nn.LayerNorm(channels) for stage, channels in zip(self.out_features, self.channels)})
+        self.post_init()
+
+    @property
+    def out_features(self) -> list[str]:
+        return self.config.out_features
+
+    @property
+    def out_indices(self) -> list[int]:
+        return self.config.out_indices
+
+    @property
+    def channels(self) -> list[int]:
+        return [self.num_features[self.stage_names.index(name)] for name in self.out_features]
+
+    def get_input_embeddings(self) -> DinatPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, return_dict: bool | None = None, **kwargs):
+        return_dict = _resolve(return_dict, self.config.return_dict)
+        output_hidden_states = _resolve(output_hidden_states, self.config.output_hidden_states)
+        output_attentions = _resolve(output_attentions, self.config.output_attentions)
+        check_pixel_values(pixel_values, self.config.num_channels)
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection[0].weight.dtype)
+
+        outputs = self.encoder(self.embeddings(pixel_values), output_attentions=output_attentions,
+                               output_hidden_states=True, output_hidden_states_before_downsampling=True,
+                               return_dict=True)
+        feature_maps = ()
+        for stage, hidden_state in zip(self.stage_names, outputs.hidden_states):  # (B, H, W, C) each
+            if stage in self.out_features:
+                normed = self.hidden_states_norms[stage](hidden_state)
+                feature_maps += (normed.permute(0, 3, 1, 2).contiguous(),)
+
+        if not return_dict:
+            output = (feature_maps,)
+            if output_hidden_states:
+                output += (outputs.hidden_states,)
+            if output_attentions:
+                output += (outputs.attentions,)
+            return output
+        return BackboneOutput(feature_maps=feature_maps,
+                              hidden_states=outputs.hidden_states if output_hidden_states else None,
+                              attentions=outputs.attentions)
+
+
+__all__ = ["DinatModel", "DinatForImageClassification", "DinatBackbone", "DinatPreTrainedModel"]
