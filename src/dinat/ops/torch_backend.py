@@ -12,6 +12,9 @@ the window of K keys is clamped to stay inside, so every query sees exactly K ke
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -73,115 +76,278 @@ def na2d_av(weights: torch.Tensor, v: torch.Tensor, kernel_size: Pair, dilation:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused path: dense attention of query tiles against their key halo, per dilation group.
-# Memory and cost stay linear in H*W; K and V are gathered about ((T + K - 1) / T)^2 times, not K*K.
+# Fused path. Each dilation group is an ordinary (undilated) map; it is cut into tiles of queries,
+# and each tile attends densely to the halo of keys its windows cover, with the window shape and the
+# RPB expressed as one additive bias (-inf outside the window). Memory and work stay linear in H*W.
 # ---------------------------------------------------------------------------------------------
 
-def _dilation_groups(length: int, dilation: int, device) -> list[torch.Tensor]:
-    """Positions of the dilation groups along one axis, as (group_length, n_groups) index tensors.
+@dataclass(frozen=True)
+class AxisPlan:
+    """How one (undilated) axis of length `length` is cut into query tiles and key halos."""
 
-    Groups of equal length are batched together; when `length % dilation != 0` there are two lengths.
+    length: int
+    kernel_size: int
+    tile: int
+    n_tiles: int
+    halo: int  # keys each tile sees: the whole axis for one tile, else tile + kernel_size - 1
+    pad_before: int  # key padding so that halo t starts at t * tile - pad_before, a uniform step
+    pad_after: int
+
+    @property
+    def padded_queries(self) -> int:
+        return self.n_tiles * self.tile
+
+
+def _axis_plan_for_tile(length: int, kernel_size: int, tile: int) -> AxisPlan:
+    if tile >= length:
+        return AxisPlan(length, kernel_size, length, 1, length, 0, 0)
+    n_tiles = -(-length // tile)
+    half = kernel_size // 2
+    halo = tile + kernel_size - 1
+    return AxisPlan(length, kernel_size, tile, n_tiles, halo, half, n_tiles * tile - length + half)
+
+
+def _tile_fits(length: int, kernel_size: int, tile: int) -> bool:
+    """Whether every query's clamped window lies inside its tile's halo.
+
+    Windows near the ends are clamped inward; that stays inside the halo when the first tile has more
+    than K//2 queries and the last tile (if partial) has more than K//2 real queries.
     """
-    longer = length % dilation  # groups 0 .. longer-1 have one more position
-    classes = []
-    if longer:
-        n = (length + dilation - 1) // dilation
-        classes.append(torch.arange(n, device=device)[:, None] * dilation + torch.arange(longer, device=device))
-    n = length // dilation
-    classes.append(torch.arange(n, device=device)[:, None] * dilation + torch.arange(longer, dilation, device=device))
+    half = kernel_size // 2
+    return tile >= length or (tile > half and (length % tile == 0 or length % tile > half))
+
+
+@functools.lru_cache(maxsize=256)
+def plan_axis(length: int, kernel_size: int, tile: int | None = None) -> AxisPlan:
+    """Pick the tile size along one axis: the least work, counting a fixed overhead per tile row."""
+    if tile is not None:
+        if not _tile_fits(length, kernel_size, tile):
+            raise ValueError(f"tile {tile} does not fit an axis of length {length} with kernel {kernel_size}")
+        return _axis_plan_for_tile(length, kernel_size, tile)
+    best, best_cost = None, None
+    for candidate in range(kernel_size // 2 + 1, length + 1):
+        if not _tile_fits(length, kernel_size, candidate):
+            continue
+        plan = _axis_plan_for_tile(length, kernel_size, candidate)
+        cost = plan.n_tiles * (plan.tile + TILE_OVERHEAD) * plan.halo
+        if best_cost is None or cost < best_cost:
+            best, best_cost = plan, cost
+    return best
+
+
+TILE_OVERHEAD = 6  # in queries; small tiles make small, inefficient matmuls (measured on CPU)
+
+
+def _axis_masks(plan: AxisPlan):
+    """(allowed, rel), each (n_tiles, tile, halo): is halo key m in the window of query j of tile t, and
+    its RPB index. Padding queries past the end borrow the window of the last query."""
+    length, ks, half = plan.length, plan.kernel_size, plan.kernel_size // 2
+    query = (torch.arange(plan.n_tiles)[:, None] * plan.tile + torch.arange(plan.tile)).clamp(max=length - 1)
+    start = (query - half).clamp(min=0, max=length - ks)
+    key = (torch.arange(plan.n_tiles) * plan.tile - plan.pad_before)[:, None] + torch.arange(plan.halo)
+    offset = key[:, None, :] - start[:, :, None]
+    allowed = (offset >= 0) & (offset < ks)
+    rel = key[:, None, :] - query[:, :, None] + ks - 1
+    return allowed, rel
+
+
+_BIAS_INDEX_CACHE: dict = {}
+
+
+def _bias_index(plan_h: AxisPlan, plan_w: AxisPlan, device) -> torch.Tensor:
+    """(nTh, nTw, Th*Tw, Hh*Hw) long: flat RPB index of each (query, halo key), or R = (2Kh-1)(2Kw-1)
+    (a slot holding -inf) where the key is outside the query's window."""
+    key = (plan_h, plan_w, str(device))
+    index = _BIAS_INDEX_CACHE.get(key)
+    if index is None:
+        allowed_h, rel_h = _axis_masks(plan_h)
+        allowed_w, rel_w = _axis_masks(plan_w)
+        span_w = 2 * plan_w.kernel_size - 1
+        n_rel = (2 * plan_h.kernel_size - 1) * span_w
+        # (nTh, nTw, Th, Tw, Hh, Hw)
+        flat = rel_h[:, None, :, None, :, None] * span_w + rel_w[None, :, None, :, None, :]
+        allowed = allowed_h[:, None, :, None, :, None] & allowed_w[None, :, None, :, None, :]
+        flat = torch.where(allowed, flat, torch.full_like(flat, n_rel))
+        index = flat.reshape(plan_h.n_tiles, plan_w.n_tiles, plan_h.tile * plan_w.tile, -1).to(device)
+        if len(_BIAS_INDEX_CACHE) > 64:
+            _BIAS_INDEX_CACHE.clear()
+        _BIAS_INDEX_CACHE[key] = index
+    return index
+
+
+def _tile_bias(rpb: torch.Tensor | None, heads: int, plan_h: AxisPlan, plan_w: AxisPlan, device,
+               dtype: torch.dtype) -> torch.Tensor:
+    """(heads or 1, nTh, nTw, Th*Tw, Hh*Hw): the RPB inside each window, -inf outside."""
+    index = _bias_index(plan_h, plan_w, device)
+    n_rel = (2 * plan_h.kernel_size - 1) * (2 * plan_w.kernel_size - 1)
+    if rpb is None:
+        table = torch.zeros(1, n_rel + 1, device=device, dtype=dtype)
+    else:
+        table = rpb.detach().reshape(heads, n_rel).to(dtype)
+        table = torch.cat([table, table.new_zeros(heads, 1)], dim=1)
+    table[:, n_rel] = float("-inf")
+    return table[:, index]
+
+
+# Tensors inside the fused path are (B, heads, gh, gw, Lh, Lw, D): dilation group (gh, gw) of a map as
+# an undilated Lh x Lw map. Tiled forms append (nTh, nTw, Th*Tw or Hh*Hw, D) after (B, heads, gh, gw).
+
+def _to_tiles(x: torch.Tensor, plan_h: AxisPlan, plan_w: AxisPlan, scale: float | None = None) -> torch.Tensor:
+    """(..., Lh, Lw, D) -> contiguous (..., nTh, nTw, Th*Tw, D), padding queries at the end."""
+    pad_h, pad_w = plan_h.padded_queries - plan_h.length, plan_w.padded_queries - plan_w.length
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    *lead, _, _, dim = x.shape
+    x = x.unflatten(-3, (plan_h.n_tiles, plan_h.tile)).unflatten(-2, (plan_w.n_tiles, plan_w.tile))
+    x = x.transpose(-4, -3)  # (..., nTh, nTw, Th, Tw, D)
+    out = torch.empty(*lead, plan_h.n_tiles, plan_w.n_tiles, plan_h.tile, plan_w.tile, dim,
+                      dtype=x.dtype, device=x.device)
+    if scale is None:
+        out.copy_(x)
+    else:
+        torch.mul(x, scale, out=out)
+    return out.flatten(-3, -2)
+
+
+def _from_tiles(x: torch.Tensor, plan_h: AxisPlan, plan_w: AxisPlan) -> torch.Tensor:
+    """Inverse of `_to_tiles`: (..., nTh, nTw, Th*Tw, D) -> (..., Lh, Lw, D) (a view when unpadded)."""
+    x = x.unflatten(-2, (plan_h.tile, plan_w.tile)).transpose(-4, -3)  # (..., nTh, Th, nTw, Tw, D)
+    if plan_h.padded_queries == plan_h.length and plan_w.padded_queries == plan_w.length:
+        return x  # the caller copies it out through its own view
+    x = x.flatten(-5, -4).flatten(-3, -2)
+    return x[..., :plan_h.length, :plan_w.length, :]
+
+
+def _to_halos(x: torch.Tensor, plan_h: AxisPlan, plan_w: AxisPlan) -> torch.Tensor:
+    """(..., Lh, Lw, D) -> contiguous (..., nTh, nTw, Hh*Hw, D): the keys (or values) each tile sees."""
+    if plan_h.n_tiles == 1 and plan_w.n_tiles == 1:
+        return x.reshape(*x.shape[:-3], 1, 1, plan_h.halo * plan_w.halo, x.shape[-1])
+    if plan_h.pad_before or plan_h.pad_after or plan_w.pad_before or plan_w.pad_after:
+        x = F.pad(x, (0, 0, plan_w.pad_before, plan_w.pad_after, plan_h.pad_before, plan_h.pad_after))
+    x = x.unfold(-3, plan_h.halo, plan_h.tile).unfold(-3, plan_w.halo, plan_w.tile)  # (..., nTh, nTw, D, Hh, Hw)
+    x = x.permute(*range(x.dim() - 5), -5, -4, -2, -1, -3)
+    return x.reshape(*x.shape[:-3], plan_h.halo * plan_w.halo, x.shape[-1])
+
+
+def _from_halos(grad: torch.Tensor, shape: torch.Size, plan_h: AxisPlan, plan_w: AxisPlan) -> torch.Tensor:
+    """Adjoint of `_to_halos`: sum each tile's halo gradient back onto the (..., Lh, Lw, D) map."""
+    if plan_h.n_tiles == 1 and plan_w.n_tiles == 1:
+        return grad.reshape(shape)
+    *lead, len_h, len_w, dim = shape
+    padded_h = len_h + plan_h.pad_before + plan_h.pad_after
+    padded_w = len_w + plan_w.pad_before + plan_w.pad_after
+    grad = grad.unflatten(-2, (plan_h.halo, plan_w.halo))  # (..., nTh, nTw, Hh, Hw, D)
+    grad = grad.permute(*range(grad.dim() - 5), -5, -4, -1, -3, -2)  # (..., nTh, nTw, D, Hh, Hw)
+    nd = len(lead)
+    grad = torch.ops.aten.unfold_backward(
+        grad, [*lead, plan_h.n_tiles, padded_w, dim, plan_h.halo], nd + 1, plan_w.halo, plan_w.tile)
+    grad = torch.ops.aten.unfold_backward(grad, [*lead, padded_h, padded_w, dim], nd, plan_h.halo, plan_h.tile)
+    return grad[..., plan_h.pad_before:plan_h.pad_before + len_h, plan_w.pad_before:plan_w.pad_before + len_w, :]
+
+
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores, bias and softmax stay in float32 for half-precision inputs."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _TiledAttention(torch.autograd.Function):
+    """Undilated NA on (B, heads, gh, gw, Lh, Lw, D) groups; saves the tile probabilities for backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, plan_h: AxisPlan, plan_w: AxisPlan, scale: float):
+        heads = q.shape[1]
+        q_tiles = _to_tiles(q, plan_h, plan_w, scale)
+        k_halo, v_halo = _to_halos(k, plan_h, plan_w), _to_halos(v, plan_h, plan_w)
+        softmax_dtype = _softmax_dtype(q.dtype)
+        bias = _tile_bias(rpb, heads, plan_h, plan_w, q.device, softmax_dtype)[None, :, None, None]  # (1, h|1, 1, 1, nT.., TT, HH)
+        scores = torch.matmul(q_tiles, k_halo.transpose(-1, -2))
+        if scores.dtype == softmax_dtype:
+            probs = scores.add_(bias).softmax(dim=-1)
+        else:  # half precision: softmax in float32, matmuls in the input dtype
+            probs = (scores.float() + bias).softmax(dim=-1).to(v.dtype)
+        out_tiles = torch.matmul(probs, v_halo)
+        if any(ctx.needs_input_grad[:4]):
+            ctx.save_for_backward(q_tiles, k_halo, v_halo, probs, out_tiles)
+            ctx.plans, ctx.scale, ctx.shapes = (plan_h, plan_w), scale, (q.shape, k.shape, v.shape)
+            ctx.has_rpb = rpb is not None
+        return _from_tiles(out_tiles, plan_h, plan_w).reshape(q.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q_tiles, k_halo, v_halo, probs, out_tiles = ctx.saved_tensors
+        plan_h, plan_w = ctx.plans
+        grad_tiles = _to_tiles(grad_out.to(out_tiles.dtype), plan_h, plan_w)
+        grad_v = torch.matmul(probs.transpose(-1, -2), grad_tiles)
+        grad_probs = torch.matmul(grad_tiles, v_halo.transpose(-1, -2))
+        # softmax backward: dS = P * (dP - sum_j P_j dP_j), and sum_j P_j dP_j = dO . O per query
+        softmax_dtype = _softmax_dtype(probs.dtype)
+        delta = (grad_tiles.to(softmax_dtype) * out_tiles.to(softmax_dtype)).sum(dim=-1, keepdim=True)
+        if grad_probs.dtype == softmax_dtype:
+            grad_scores = grad_probs.sub_(delta).mul_(probs)
+        else:
+            grad_scores = (grad_probs.to(softmax_dtype) - delta) * probs.to(softmax_dtype)
+        grad_rpb = None
+        if ctx.has_rpb and ctx.needs_input_grad[3]:
+            grad_rpb = _rpb_grad(grad_scores, plan_h, plan_w)
+        grad_scores = grad_scores.to(q_tiles.dtype)
+        grad_q = torch.matmul(grad_scores, k_halo).mul_(ctx.scale)
+        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q_tiles)
+        q_shape, k_shape, v_shape = ctx.shapes
+        grad_q = _from_tiles(grad_q, plan_h, plan_w).reshape(q_shape) if ctx.needs_input_grad[0] else None
+        grad_k = _from_halos(grad_k, k_shape, plan_h, plan_w) if ctx.needs_input_grad[1] else None
+        grad_v = _from_halos(grad_v, v_shape, plan_h, plan_w) if ctx.needs_input_grad[2] else None
+        return grad_q, grad_k, grad_v, grad_rpb, None, None, None
+
+
+def _rpb_grad(grad_scores: torch.Tensor, plan_h: AxisPlan, plan_w: AxisPlan) -> torch.Tensor:
+    """Sum d(loss)/d(score) over batch and groups, then into the RPB table by relative position."""
+    heads = grad_scores.shape[1]
+    per_head = grad_scores.sum(dim=(0, 2, 3))  # (h, nTh, nTw, TT, HH)
+    index = _bias_index(plan_h, plan_w, grad_scores.device)
+    n_rel = (2 * plan_h.kernel_size - 1) * (2 * plan_w.kernel_size - 1)
+    table = per_head.new_zeros(heads, n_rel + 1)
+    table.index_add_(1, index.reshape(-1), per_head.reshape(heads, -1))
+    return table[:, :n_rel].reshape(heads, 2 * plan_h.kernel_size - 1, 2 * plan_w.kernel_size - 1)
+
+
+def _group_classes(length: int, dilation: int) -> list[tuple[int, int, int, int]]:
+    """Split an axis into classes of equal-length dilation groups: [(offset, n_groups, length, dilation)].
+
+    Groups g < length % dilation have one more position than the rest. A class holds positions
+    offset + g + i * dilation for g < n_groups, i < length: an `unfold` with step `dilation`, a view.
+    """
+    longer = length % dilation
+    classes = [(0, longer, length // dilation + 1, dilation)] if longer else []
+    classes.append((longer, dilation - longer, length // dilation, dilation))
     return classes
 
 
-def _axis_tiling(length: int, kernel_size: int, tile: int, device):
-    """Tiles of `tile` queries along one (undilated) axis and the halo of keys they need.
-
-    Returns `(halo, allowed, rel)`: halo (n_tiles, halo_len) key positions; allowed and rel are
-    (n_tiles, tile, halo_len): whether a halo key is in the query's window, and its RPB index.
-    Queries past the end (padding of the last tile) get the window of the last query.
-    """
-    n_tiles = -(-length // tile)
-    halo_len = min(tile + kernel_size - 1, length)
-    half = kernel_size // 2
-    query = (torch.arange(n_tiles, device=device)[:, None] * tile + torch.arange(tile, device=device))
-    query = query.clamp(max=length - 1)
-    start = (query - half).clamp(min=0, max=length - kernel_size)  # window start per query
-    halo_start = start[:, 0].clamp(max=length - halo_len)
-    halo = halo_start[:, None] + torch.arange(halo_len, device=device)
-    offset = halo[:, None, :] - start[:, :, None]  # key position inside the query's window
-    allowed = (offset >= 0) & (offset < kernel_size)
-    rel = (halo[:, None, :] - query[:, :, None] + kernel_size - 1).clamp(0, 2 * kernel_size - 2)
-    return halo, allowed, rel
-
-
-def _tile_bias(rpb: torch.Tensor | None, tiling_h, tiling_w, dtype) -> torch.Tensor:
-    """Additive bias (heads or 1, nTh, nTw, Th*Tw, Hh*Hw): RPB where allowed, -inf elsewhere."""
-    _, allowed_h, rel_h = tiling_h
-    _, allowed_w, rel_w = tiling_w
-    # index order: (tile_h, tile_w, query_h, query_w, key_h, key_w)
-    allowed = allowed_h[:, None, :, None, :, None] & allowed_w[None, :, None, :, None, :]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
-    if rpb is None:
-        bias = mask[None]
-    else:
-        bias = rpb[:, rel_h[:, None, :, None, :, None], rel_w[None, :, None, :, None, :]].to(dtype) + mask
-    heads, n_h, n_w, t_h, t_w, k_h, k_w = bias.shape
-    return bias.reshape(heads, n_h, n_w, t_h * t_w, k_h * k_w)
-
-
-def _na_tiled(q, k, v, kernel_size: Pair, rpb, scale: float, tile: int) -> torch.Tensor:
-    """Undilated NA on (B, h, G, L1, L2, D); G is an extra batch axis (dilation groups)."""
-    batch, heads, groups, len_h, len_w, dim = q.shape
-    tile_h, tile_w = min(tile, len_h), min(tile, len_w)
-    tiling_h = _axis_tiling(len_h, kernel_size[0], tile_h, q.device)
-    tiling_w = _axis_tiling(len_w, kernel_size[1], tile_w, q.device)
-    halo_h, halo_w = tiling_h[0], tiling_w[0]
-    n_h, n_w = halo_h.shape[0], halo_w.shape[0]
-
-    # queries: pad to whole tiles, then (B, h, G, nTh, nTw, Th*Tw, D)
-    q = F.pad(q, (0, 0, 0, n_w * tile_w - len_w, 0, n_h * tile_h - len_h))
-    q = q.view(batch, heads, groups, n_h, tile_h, n_w, tile_w, dim).transpose(4, 5)
-    q = q.reshape(batch, heads, groups, n_h, n_w, tile_h * tile_w, dim)
-
-    # keys and values: each tile's halo, (B, h, G, nTh, nTw, Hh*Hw, D)
-    def halo_of(x):
-        x = x[:, :, :, halo_h[:, :, None, None], halo_w[None, None, :, :]]  # (B,h,G,nTh,Hh,nTw,Hw,D)
-        return x.transpose(4, 5).flatten(5, 6)
-
-    k, v = halo_of(k), halo_of(v)
-    compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    bias = _tile_bias(rpb, tiling_h, tiling_w, compute_dtype)[None, :, None]  # (1, h|1, 1, nTh, nTw, TT, HH)
-    scores = torch.matmul(q * scale, k.transpose(-1, -2)).to(compute_dtype) + bias
-    weights = scores.softmax(dim=-1).to(v.dtype)
-    out = torch.matmul(weights, v)  # (B, h, G, nTh, nTw, Th*Tw, D)
-
-    out = out.view(batch, heads, groups, n_h, n_w, tile_h, tile_w, dim).transpose(4, 5)
-    out = out.reshape(batch, heads, groups, n_h * tile_h, n_w * tile_w, dim)
-    return out[:, :, :, :len_h, :len_w]
+def _group_view(x: torch.Tensor, rows, cols) -> torch.Tensor:
+    """(B, h, H, W, D) -> (B, h, gh, gw, Lh, Lw, D): a view of one class of dilation groups."""
+    (off_h, n_h, _, dil_h), (off_w, n_w, _, dil_w) = rows, cols
+    x = x.narrow(2, off_h, x.shape[2] - off_h).narrow(3, off_w, x.shape[3] - off_w)
+    x = x.unfold(2, n_h, dil_h).unfold(3, n_w, dil_w)  # (B, h, Lh, Lw, D, gh, gw)
+    return x.permute(0, 1, 5, 6, 2, 3, 4)
 
 
 def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, dilation: Pair,
-         rpb: torch.Tensor | None = None, scale: float | None = None, tile: int = 8) -> torch.Tensor:
-    """Fused neighborhood attention: softmax(q k^T * scale + rpb) v over each query's window."""
+         rpb: torch.Tensor | None = None, scale: float | None = None, tile: int | None = None) -> torch.Tensor:
+    """Fused neighborhood attention: softmax(q k^T * scale + rpb) v over each query's window.
+
+    Returns (B, heads, H, W, D) as a view of a (B, H, W, heads, D) tensor, so that merging heads back into
+    channels is free.
+    """
     batch, heads, height, width, dim = q.shape
     scale = dim ** -0.5 if scale is None else scale
-    if dilation == (1, 1):
-        return _na_tiled(q[:, :, None], k[:, :, None], v[:, :, None], kernel_size, rpb, scale, tile)[:, :, 0]
-
-    out = q.new_zeros(height, width, batch, heads, dim)
-    for rows in _dilation_groups(height, dilation[0], q.device):
-        for cols in _dilation_groups(width, dilation[1], q.device):
-            # (B, h, Lh, nh, Lw, nw, D) -> (B, h, nh*nw, Lh, Lw, D): each group an undilated map
-            index = (slice(None), slice(None), rows[:, :, None, None], cols[None, None, :, :])
-            len_h, n_h = rows.shape
-            len_w, n_w = cols.shape
-
-            def to_groups(x):
-                return x[index].permute(0, 1, 3, 5, 2, 4, 6).reshape(batch, heads, n_h * n_w, len_h, len_w, dim)
-
-            part = _na_tiled(to_groups(q), to_groups(k), to_groups(v), kernel_size, rpb, scale, tile)
-            part = part.view(batch, heads, n_h, n_w, len_h, len_w, dim).permute(4, 2, 5, 3, 0, 1, 6)
-            out = out.index_put((rows[:, :, None, None], cols[None, None, :, :]), part)
-    return out.permute(2, 3, 0, 1, 4)
+    out = q.new_empty(batch, height, width, heads, dim, dtype=torch.result_type(q, v)).permute(0, 3, 1, 2, 4)
+    for rows in _group_classes(height, dilation[0]):
+        for cols in _group_classes(width, dilation[1]):
+            plan_h = plan_axis(rows[2], kernel_size[0], tile)
+            plan_w = plan_axis(cols[2], kernel_size[1], tile)
+            part = _TiledAttention.apply(_group_view(q, rows, cols), _group_view(k, rows, cols),
+                                         _group_view(v, rows, cols), rpb, plan_h, plan_w, scale)
+            _group_view(out, rows, cols).copy_(part)
+    return out
 
 
 def check_can_run(height: int, width: int, kernel_size: Pair, dilation: Pair) -> None:
