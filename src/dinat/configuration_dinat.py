@@ -28,6 +28,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                             drop_path_rate=0.35, kernel_size=11, dilations=_DILATIONS_224),
 }
 
+# Neighborhood-attention backends (dinat.ops.dispatch.CHOICES, repeated to keep the config import-light).
+NA_BACKENDS = ("auto", "torch", "flex", "natten")
+
 # Written by transformers' config but derived from other fields: accepted on load, recomputed here.
 _DERIVED_KEYS = ("hidden_size", "num_layers", "stage_names")
 
@@ -64,6 +67,8 @@ class DinatConfig(PreTrainedConfig):
         layer_scale_init_value: float = 0.0,
         out_features: list[str] | None = None,
         out_indices: list[int] | None = None,
+        use_rpb: bool = True,
+        na_backend: str = "auto",
         **kwargs,
     ):
         for key in _DERIVED_KEYS:
@@ -86,6 +91,9 @@ class DinatConfig(PreTrainedConfig):
         self.initializer_range = initializer_range
         self.layer_norm_eps = layer_norm_eps
         self.layer_scale_init_value = layer_scale_init_value
+        # not in transformers' DiNAT (absent from hub configs, so these defaults apply there):
+        self.use_rpb = use_rpb  # False: no relative positional bias, for models trained from scratch
+        self.na_backend = na_backend  # "auto", "torch", "flex" or "natten"; see dinat.ops.dispatch
         self._validate()
         self.num_layers = len(self.depths)
         self.hidden_size = int(embed_dim * 2 ** (len(self.depths) - 1))  # width of the last stage
@@ -139,6 +147,10 @@ class DinatConfig(PreTrainedConfig):
             raise ValueError(f"DinatConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
         if self.layer_scale_init_value < 0:
             raise ValueError(f"DinatConfig.layer_scale_init_value must be >= 0, got {self.layer_scale_init_value!r}")
+        if not isinstance(self.use_rpb, bool):
+            raise ValueError(f"DinatConfig.use_rpb must be True or False, got {self.use_rpb!r}")
+        if self.na_backend not in NA_BACKENDS:
+            raise ValueError(f"DinatConfig.na_backend must be one of {list(NA_BACKENDS)}, got {self.na_backend!r}")
 
     # -- backbone outputs ---------------------------------------------------------------------------
     @property

@@ -102,7 +102,7 @@ class DinatDownsampler(nn.Module):
 # Neighborhood attention
 # -------------------------------------------------------------------------------------------------
 class NeighborhoodAttention(nn.Module):
-    """Multi-head (dilated) neighborhood attention with relative positional bias (rpb)."""
+    """Multi-head (dilated) neighborhood attention with relative positional bias (rpb, unless use_rpb=False)."""
 
     def __init__(self, config: DinatConfig, dim: int, num_heads: int, kernel_size: int, dilation: int):
         super().__init__()
@@ -110,21 +110,29 @@ class NeighborhoodAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.kernel_size = kernel_size
         self.dilation = dilation
+        self.backend = getattr(config, "na_backend", "auto")
         self.query = nn.Linear(dim, dim, bias=config.qkv_bias)
         self.key = nn.Linear(dim, dim, bias=config.qkv_bias)
         self.value = nn.Linear(dim, dim, bias=config.qkv_bias)
-        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+        if getattr(config, "use_rpb", True):
+            self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+        else:
+            self.register_parameter("rpb", None)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
-    def _heads_first(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, _ = x.shape  # (B, H, W, C) -> (B, heads, H, W, head_dim)
-        return x.view(batch, height, width, self.num_heads, self.head_dim).permute(0, 3, 1, 2, 4)
+    def _project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as (B, heads, H, W, head_dim) views of one matmul (the three weights joined at run time,
+        so the state dict keeps transformers' query/key/value keys)."""
+        batch, height, width, _ = hidden_states.shape
+        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
+        bias = None if self.query.bias is None else torch.cat((self.query.bias, self.key.bias, self.value.bias))
+        qkv = F.linear(hidden_states, weight, bias).view(batch, height, width, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
+        return q, k, v
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
         batch, height, width, channels = hidden_states.shape
-        q = self._heads_first(self.query(hidden_states))
-        k = self._heads_first(self.key(hidden_states))
-        v = self._heads_first(self.value(hidden_states))
+        q, k, v = self._project_qkv(hidden_states)
         scale = 1.0 / math.sqrt(self.head_dim)
 
         weights = None
@@ -134,8 +142,10 @@ class NeighborhoodAttention(nn.Module):
             weights = self.dropout(scores.softmax(dim=-1))
             context = ops.na2d_av(weights, v, self.kernel_size, self.dilation)
         else:
-            context = ops.na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb, scale=scale)
+            context = ops.na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb, scale=scale,
+                               backend=self.backend)
 
+        # the torch backend returns a heads-first view of (B, H, W, heads, D) memory: this reshape is free
         context = context.permute(0, 2, 3, 1, 4).reshape(batch, height, width, channels)
         return context, (weights if output_attentions else None)
 
@@ -358,7 +368,7 @@ class DinatPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, NeighborhoodAttention):
+        elif isinstance(module, NeighborhoodAttention) and module.rpb is not None:
             init.trunc_normal_(module.rpb, std=std)  # as the original NAT/DiNAT code
         elif isinstance(module, DinatLayer) and module.layer_scale_parameters is not None:
             init.constant_(module.layer_scale_parameters, self.config.layer_scale_init_value)

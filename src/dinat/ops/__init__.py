@@ -2,13 +2,17 @@
 
 Layout is heads-first, as NATTEN 0.17: q, k, v are (batch, heads, height, width, head_dim); attention
 weights are (batch, heads, height, width, kernel_size ** 2); rpb is (heads, 2K - 1, 2K - 1).
+
+`na2d` runs on one of several backends ("torch", "flex", "natten"; see `dispatch`), chosen per call or
+forced with `use_backend(name)` / the `backend` argument. The unfused pair always runs the torch backend.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import torch_backend
+from . import dispatch, torch_backend
+from .dispatch import BACKENDS, use_backend
 
 IntOrPair = int | tuple[int, int]
 
@@ -42,12 +46,23 @@ def _check(q: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair, rpb, ot
 
 
 def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1,
-         rpb: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+         rpb: torch.Tensor | None = None, scale: float | None = None, backend: str | None = None) -> torch.Tensor:
     """Fused 2-D (dilated) neighborhood attention: (B, heads, H, W, D) -> (B, heads, H, W, D).
 
     `scale` defaults to head_dim ** -0.5; `rpb` (heads, 2K-1, 2K-1) is added to the scores before softmax.
+    `backend` ("auto", "torch", "flex", "natten") forces a backend unless `use_backend` overrides it; a
+    backend that cannot run the call raises a ValueError saying why.
     """
     kernel_size, dilation = _check(q, kernel_size, dilation, rpb, (("key", k), ("value", v)))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, rpb))
+    name = dispatch.choose(backend, q, rpb is not None, needs_grad, kernel_size, dilation)
+    if name == "flex":
+        from . import flex_backend
+        return flex_backend.na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale)
+    if name == "natten":
+        from . import natten_backend
+        return natten_backend.na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale)
     return torch_backend.na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale)
 
 
@@ -70,4 +85,4 @@ def na2d_av(weights: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dila
     return torch_backend.na2d_av(weights, v, kernel_size, dilation)
 
 
-__all__ = ["na2d", "na2d_qk", "na2d_av"]
+__all__ = ["na2d", "na2d_qk", "na2d_av", "use_backend", "BACKENDS"]

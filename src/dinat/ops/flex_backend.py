@@ -1,0 +1,80 @@
+"""Neighborhood attention as torch's `flex_attention`: a block-sparse mask for the (dilated, clamped)
+windows, and the RPB added by a score modification (flex differentiates through it, RPB included).
+
+Tokens are the H*W positions in row-major order. On CUDA the call is compiled (`torch.compile`), which is
+what makes flex fast; elsewhere it runs eagerly, which materializes all (H*W)^2 scores: correct, for
+testing, not fast. torch (2.13) has no flex backward on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+Pair = tuple[int, int]
+
+
+def _window_test(query, key, length: int, kernel_size: int, dilation: int):
+    """Per axis: is `key` in the clamped window of `query` (NATTEN semantics), and their RPB index."""
+    group = query % dilation
+    same_group = group == key % dilation
+    group_length = (length - group + dilation - 1) // dilation
+    query_in_group, key_in_group = query // dilation, key // dilation
+    start = torch.clamp(query_in_group - kernel_size // 2, min=0)
+    start = torch.minimum(start, group_length - kernel_size)
+    inside = same_group & (key_in_group >= start) & (key_in_group < start + kernel_size)
+    rel = torch.clamp(key_in_group - query_in_group + kernel_size - 1, 0, 2 * kernel_size - 2)
+    return inside, rel
+
+
+def _mods(height: int, width: int, kernel_size: Pair, dilation: Pair, rpb: torch.Tensor | None):
+    def mask_mod(b, h, q_idx, kv_idx):
+        inside_h, _ = _window_test(q_idx // width, kv_idx // width, height, kernel_size[0], dilation[0])
+        inside_w, _ = _window_test(q_idx % width, kv_idx % width, width, kernel_size[1], dilation[1])
+        return inside_h & inside_w
+
+    if rpb is None:
+        return mask_mod, None
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        _, rel_h = _window_test(q_idx // width, kv_idx // width, height, kernel_size[0], dilation[0])
+        _, rel_w = _window_test(q_idx % width, kv_idx % width, width, kernel_size[1], dilation[1])
+        return score + rpb[h, rel_h, rel_w].to(score.dtype)
+
+    return mask_mod, score_mod
+
+
+@functools.lru_cache(maxsize=64)
+def _block_mask(height: int, width: int, kernel_size: Pair, dilation: Pair, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask_mod, _ = _mods(height, width, kernel_size, dilation, None)
+    tokens = height * width
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=tokens, KV_LEN=tokens, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, dilation: Pair,
+         rpb: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """(B, heads, H, W, D) in and out."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    batch, heads, height, width, dim = q.shape
+    scale = dim ** -0.5 if scale is None else scale
+    _, score_mod = _mods(height, width, kernel_size, dilation, rpb)
+    block_mask = _block_mask(height, width, tuple(kernel_size), tuple(dilation), str(q.device))
+    run = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    dtype = torch.result_type(q, v)
+    q, k, v = (x.to(dtype).reshape(batch, heads, height * width, dim) for x in (q, k, v))
+    out = run(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return out.view(batch, heads, height, width, dim)
+
+
+__all__ = ["na2d"]
