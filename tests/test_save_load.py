@@ -158,3 +158,24 @@ def test_pickle_that_would_run_code_is_refused_without_running(tmp_path):
     with pytest.raises(ValueError, match="weights_only"):
         DinatForImageClassification.from_pretrained(folder, weights_only=False)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("cls_name", ["DinatForImageClassification", "DinatModel", "DinatBackbone"])
+def test_transformers_dinat_loads_our_checkpoint_exactly(tmp_path, monkeypatch, cls_name):
+    # transformers' DiNAT refuses to build without NATTEN; its modules and parameter names are all we need
+    # here, so its import guard is lifted for the test (no forward pass is run).
+    import dinat
+    import transformers.models.dinat.modeling_dinat as theirs
+
+    monkeypatch.setattr(theirs, "requires_backends", lambda *args, **kwargs: None)
+    torch.manual_seed(1)
+    config = DinatConfig(embed_dim=16, depths=[1, 2], num_heads=[1, 2], kernel_size=3, dilations=[[2], [1, 2]],
+                         num_labels=3, layer_scale_init_value=0.2, out_features=["stem", "stage2"])
+    ours = getattr(dinat, cls_name)(config)
+    ours.save_pretrained(tmp_path)
+    loaded, info = getattr(theirs, cls_name).from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    their_state = loaded.state_dict()
+    assert set(their_state) == set(ours.state_dict())
+    for key, value in ours.state_dict().items():
+        assert torch.equal(their_state[key], value), key
