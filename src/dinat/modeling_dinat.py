@@ -22,6 +22,7 @@ from transformers.utils import ModelOutput
 
 from . import ops
 from .configuration_dinat import DinatConfig
+from .loading import checked_from_pretrained
 
 
 # -------------------------------------------------------------------------------------------------
@@ -358,6 +359,13 @@ class DinatPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["DinatLayer"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' from_pretrained (folders, hub ids, cache, revision, offline), with clear errors for
+        corrupt files, unsafe pickles, missing/unexpected keys and shape mismatches (see dinat.loading).
+        Extra keyword: `strict=False` downgrades missing/unexpected keys to transformers' warnings."""
+        return checked_from_pretrained(super().from_pretrained, pretrained_model_name_or_path, model_args, kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
