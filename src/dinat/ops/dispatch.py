@@ -63,7 +63,10 @@ def forced_backend() -> str | None:
 @functools.lru_cache(maxsize=None)
 def natten_version() -> tuple[int, ...] | None:
     """NATTEN's version as a tuple, or None when it is not installed or does not import."""
-    if importlib.util.find_spec("natten") is None:
+    try:
+        if importlib.util.find_spec("natten") is None:
+            return None
+    except (ImportError, ValueError):  # a finder that refuses it: treat as absent
         return None
     try:
         natten = importlib.import_module("natten")
@@ -114,8 +117,12 @@ def why_not(name: str, q: torch.Tensor, has_rpb: bool, needs_grad: bool) -> str 
                         "use_rpb=False, or install NATTEN <= 0.17 for its RPB ops")
             if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 return f"{natten_label()} does not support {q.dtype}"
-            if q.device.type == "cpu" and flex_reason is not None:
-                return f"{natten_label()} runs on CPU through flex attention, and {flex_reason}"
+            if q.device.type == "cpu":
+                if flex_reason is not None:
+                    return f"{natten_label()} runs on CPU through flex attention, and {flex_reason}"
+                head_dim = q.shape[-1]
+                if not (8 <= head_dim <= 512 and head_dim & (head_dim - 1) == 0):
+                    return f"{natten_label()} on CPU needs a power-of-two head_dim in [8, 512], got {head_dim}"
             return None
         if version >= (0, 17):
             return None  # the legacy na2d_qk / na2d_av ops, with RPB
