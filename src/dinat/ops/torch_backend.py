@@ -250,53 +250,95 @@ def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-class _TiledAttention(torch.autograd.Function):
-    """Undilated NA on (B, heads, gh, gw, Lh, Lw, D) groups; saves the tile probabilities for backward."""
+def _write_tiles(dest: torch.Tensor, tiles: torch.Tensor, plan_h: AxisPlan, plan_w: AxisPlan) -> None:
+    """Copy (..., nTh, nTw, Th*Tw, D) tiles into a (..., Lh, Lw, D) view, in one pass when unpadded."""
+    source = _from_tiles(tiles, plan_h, plan_w)
+    if source.dim() > dest.dim():  # unpadded: (..., nTh, Th, nTw, Tw, D) against (..., Lh, Lw, D)
+        dest = dest.unflatten(-3, (plan_h.n_tiles, plan_h.tile)).unflatten(-2, (plan_w.n_tiles, plan_w.tile))
+    dest.copy_(source)
+
+
+def _attend(q_tiles, k_halo, v_halo, bias):
+    """Dense attention of each tile against its halo; returns (probabilities, output tiles)."""
+    scores = torch.matmul(q_tiles, k_halo.transpose(-1, -2))
+    softmax_dtype = _softmax_dtype(scores.dtype)
+    if scores.dtype == softmax_dtype:
+        probs = scores.add_(bias).softmax(dim=-1)
+    else:  # half precision: bias and softmax in float32, matmuls in the input dtype
+        probs = torch.softmax(scores.to(softmax_dtype).add_(bias), dim=-1).to(v_halo.dtype)
+    return probs, torch.matmul(probs, v_halo)
+
+
+class _NeighborhoodAttention(torch.autograd.Function):
+    """Fused NA on (B, heads, H, W, D) tensors: per class of equal dilation groups, query tiles attend to
+    their key halos. Saves each class's tiles and probabilities for the backward pass."""
 
     @staticmethod
-    def forward(ctx, q, k, v, rpb, plan_h: AxisPlan, plan_w: AxisPlan, scale: float):
-        heads = q.shape[1]
-        q_tiles = _to_tiles(q, plan_h, plan_w, scale)
-        k_halo, v_halo = _to_halos(k, plan_h, plan_w), _to_halos(v, plan_h, plan_w)
-        softmax_dtype = _softmax_dtype(q.dtype)
-        bias = _tile_bias(rpb, heads, plan_h, plan_w, q.device, softmax_dtype)[None, :, None, None]  # (1, h|1, 1, 1, nT.., TT, HH)
-        scores = torch.matmul(q_tiles, k_halo.transpose(-1, -2))
-        if scores.dtype == softmax_dtype:
-            probs = scores.add_(bias).softmax(dim=-1)
-        else:  # half precision: softmax in float32, matmuls in the input dtype
-            probs = (scores.float() + bias).softmax(dim=-1).to(v.dtype)
-        out_tiles = torch.matmul(probs, v_halo)
+    def forward(ctx, q, k, v, rpb, kernel_size: Pair, dilation: Pair, scale: float, tile: int | None):
+        batch, heads, height, width, dim = q.shape
+        dtype = torch.result_type(q, v)
+        input_dtypes = (q.dtype, k.dtype, v.dtype)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        out = q.new_empty(batch, height, width, heads, dim).permute(0, 3, 1, 2, 4)
+        saved, classes = [], []
+        for rows in _group_classes(height, dilation[0]):
+            for cols in _group_classes(width, dilation[1]):
+                plan_h = plan_axis(rows[2], kernel_size[0], tile)
+                plan_w = plan_axis(cols[2], kernel_size[1], tile)
+                q_tiles = _to_tiles(_group_view(q, rows, cols), plan_h, plan_w, scale)
+                k_halo = _to_halos(_group_view(k, rows, cols), plan_h, plan_w)
+                v_halo = _to_halos(_group_view(v, rows, cols), plan_h, plan_w)
+                bias = _tile_bias(rpb, heads, plan_h, plan_w, q.device, _softmax_dtype(dtype))
+                probs, out_tiles = _attend(q_tiles, k_halo, v_halo, bias[None, :, None, None])
+                _write_tiles(_group_view(out, rows, cols), out_tiles, plan_h, plan_w)
+                classes.append((rows, cols, plan_h, plan_w))
+                saved += [q_tiles, k_halo, v_halo, probs, out_tiles]
         if any(ctx.needs_input_grad[:4]):
-            ctx.save_for_backward(q_tiles, k_halo, v_halo, probs, out_tiles)
-            ctx.plans, ctx.scale, ctx.shapes = (plan_h, plan_w), scale, (q.shape, k.shape, v.shape)
-            ctx.has_rpb = rpb is not None
-        return _from_tiles(out_tiles, plan_h, plan_w).reshape(q.shape)
+            ctx.save_for_backward(*saved)
+            ctx.classes, ctx.scale, ctx.has_rpb = classes, scale, rpb is not None
+            ctx.input_dtypes = input_dtypes
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_tiles, k_halo, v_halo, probs, out_tiles = ctx.saved_tensors
-        plan_h, plan_w = ctx.plans
-        grad_tiles = _to_tiles(grad_out.to(out_tiles.dtype), plan_h, plan_w)
-        grad_v = torch.matmul(probs.transpose(-1, -2), grad_tiles)
-        grad_probs = torch.matmul(grad_tiles, v_halo.transpose(-1, -2))
-        # softmax backward: dS = P * (dP - sum_j P_j dP_j), and sum_j P_j dP_j = dO . O per query
-        softmax_dtype = _softmax_dtype(probs.dtype)
-        delta = (grad_tiles.to(softmax_dtype) * out_tiles.to(softmax_dtype)).sum(dim=-1, keepdim=True)
-        if grad_probs.dtype == softmax_dtype:
-            grad_scores = grad_probs.sub_(delta).mul_(probs)
-        else:
-            grad_scores = (grad_probs.to(softmax_dtype) - delta) * probs.to(softmax_dtype)
+        saved = ctx.saved_tensors
+        batch, heads, height, width, dim = grad_out.shape
+        # q, k, v gradients side by side in (B, H, W, 3, heads, D) memory: the layout of a fused qkv projection
+        grads = grad_out.new_empty(batch, height, width, 3, heads, dim, dtype=saved[0].dtype).permute(3, 0, 4, 1, 2, 5)
+        grad_q, grad_k, grad_v = grads.unbind(0)
         grad_rpb = None
-        if ctx.has_rpb and ctx.needs_input_grad[3]:
-            grad_rpb = _rpb_grad(grad_scores, plan_h, plan_w)
-        grad_scores = grad_scores.to(q_tiles.dtype)
-        grad_q = torch.matmul(grad_scores, k_halo).mul_(ctx.scale)
-        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q_tiles)
-        q_shape, k_shape, v_shape = ctx.shapes
-        grad_q = _from_tiles(grad_q, plan_h, plan_w).reshape(q_shape) if ctx.needs_input_grad[0] else None
-        grad_k = _from_halos(grad_k, k_shape, plan_h, plan_w) if ctx.needs_input_grad[1] else None
-        grad_v = _from_halos(grad_v, v_shape, plan_h, plan_w) if ctx.needs_input_grad[2] else None
-        return grad_q, grad_k, grad_v, grad_rpb, None, None, None
+        for index, (rows, cols, plan_h, plan_w) in enumerate(ctx.classes):
+            q_tiles, k_halo, v_halo, probs, out_tiles = saved[5 * index:5 * index + 5]
+            dq, dk, dv, drpb = _attend_backward(_group_view(grad_out, rows, cols), q_tiles, k_halo, v_halo, probs,
+                                                out_tiles, plan_h, plan_w, ctx.scale,
+                                                ctx.has_rpb and ctx.needs_input_grad[3])
+            _write_tiles(_group_view(grad_q, rows, cols), dq, plan_h, plan_w)
+            _group_view(grad_k, rows, cols).copy_(_from_halos(dk, _group_view(grad_k, rows, cols).shape, plan_h, plan_w))
+            _group_view(grad_v, rows, cols).copy_(_from_halos(dv, _group_view(grad_v, rows, cols).shape, plan_h, plan_w))
+            if drpb is not None:
+                grad_rpb = drpb if grad_rpb is None else grad_rpb + drpb
+        dtypes = ctx.input_dtypes
+        return (grad_q.to(dtypes[0]), grad_k.to(dtypes[1]), grad_v.to(dtypes[2]), grad_rpb,
+                None, None, None, None)
+
+
+def _attend_backward(grad_out, q_tiles, k_halo, v_halo, probs, out_tiles, plan_h, plan_w, scale, want_rpb):
+    """Gradients of one class: (dq tiles, dk halos, dv halos, d rpb or None)."""
+    grad_tiles = _to_tiles(grad_out.to(out_tiles.dtype), plan_h, plan_w)
+    grad_v = torch.matmul(probs.transpose(-1, -2), grad_tiles)
+    grad_probs = torch.matmul(grad_tiles, v_halo.transpose(-1, -2))
+    # softmax backward: dS = P * (dP - sum_j P_j dP_j), and sum_j P_j dP_j = dO . O per query
+    softmax_dtype = _softmax_dtype(probs.dtype)
+    delta = (grad_tiles.to(softmax_dtype) * out_tiles.to(softmax_dtype)).sum(dim=-1, keepdim=True)
+    if grad_probs.dtype == softmax_dtype:
+        grad_scores = grad_probs.sub_(delta).mul_(probs)
+    else:
+        grad_scores = (grad_probs.to(softmax_dtype) - delta).mul_(probs)
+    grad_rpb = _rpb_grad(grad_scores, plan_h, plan_w) if want_rpb else None
+    grad_scores = grad_scores.to(q_tiles.dtype)
+    grad_q = torch.matmul(grad_scores, k_halo).mul_(scale)
+    grad_k = torch.matmul(grad_scores.transpose(-1, -2), q_tiles)  # q_tiles are already scaled
+    return grad_q, grad_k, grad_v, grad_rpb
 
 
 def _rpb_grad(grad_scores: torch.Tensor, plan_h: AxisPlan, plan_w: AxisPlan) -> torch.Tensor:
@@ -335,19 +377,10 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, d
     """Fused neighborhood attention: softmax(q k^T * scale + rpb) v over each query's window.
 
     Returns (B, heads, H, W, D) as a view of a (B, H, W, heads, D) tensor, so that merging heads back into
-    channels is free.
+    channels is free. `tile` forces the query tile size (default: chosen per axis by `plan_axis`).
     """
-    batch, heads, height, width, dim = q.shape
-    scale = dim ** -0.5 if scale is None else scale
-    out = q.new_empty(batch, height, width, heads, dim, dtype=torch.result_type(q, v)).permute(0, 3, 1, 2, 4)
-    for rows in _group_classes(height, dilation[0]):
-        for cols in _group_classes(width, dilation[1]):
-            plan_h = plan_axis(rows[2], kernel_size[0], tile)
-            plan_w = plan_axis(cols[2], kernel_size[1], tile)
-            part = _TiledAttention.apply(_group_view(q, rows, cols), _group_view(k, rows, cols),
-                                         _group_view(v, rows, cols), rpb, plan_h, plan_w, scale)
-            _group_view(out, rows, cols).copy_(part)
-    return out
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _NeighborhoodAttention.apply(q, k, v, rpb, tuple(kernel_size), tuple(dilation), scale, tile)
 
 
 def check_can_run(height: int, width: int, kernel_size: Pair, dilation: Pair) -> None:
