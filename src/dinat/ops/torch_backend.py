@@ -118,24 +118,29 @@ def _tile_fits(length: int, kernel_size: int, tile: int) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def plan_axis(length: int, kernel_size: int, tile: int | None = None) -> AxisPlan:
-    """Pick the tile size along one axis: the least work, counting a fixed overhead per tile row."""
+def plan_axis(length: int, kernel_size: int, tile: int | None = None, half_precision: bool = False) -> AxisPlan:
+    """Pick the tile size along one axis: the least work (padded queries x halo keys), counting a fixed
+    overhead per tile that stands for the lower efficiency of small matmuls."""
     if tile is not None:
         if not _tile_fits(length, kernel_size, tile):
             raise ValueError(f"tile {tile} does not fit an axis of length {length} with kernel {kernel_size}")
         return _axis_plan_for_tile(length, kernel_size, tile)
+    overhead = TILE_OVERHEAD_HALF if half_precision else TILE_OVERHEAD
     best, best_cost = None, None
     for candidate in range(kernel_size // 2 + 1, length + 1):
         if not _tile_fits(length, kernel_size, candidate):
             continue
         plan = _axis_plan_for_tile(length, kernel_size, candidate)
-        cost = plan.n_tiles * (plan.tile + TILE_OVERHEAD) * plan.halo
+        cost = plan.n_tiles * (plan.tile + overhead) * plan.halo
         if best_cost is None or cost < best_cost:
             best, best_cost = plan, cost
     return best
 
 
-TILE_OVERHEAD = 6  # in queries; small tiles make small, inefficient matmuls (measured on CPU)
+# Overheads in queries per tile, fitted to CPU timings of DiNAT's shapes (K=7, head_dim 32): float32 matmuls
+# lose more to small tiles than bfloat16 ones (7x7 tiles at 56x56 in float32, 4x4 in bfloat16).
+TILE_OVERHEAD = 6
+TILE_OVERHEAD_HALF = 2
 
 
 def _axis_masks(plan: AxisPlan):
@@ -261,11 +266,9 @@ def _write_tiles(dest: torch.Tensor, tiles: torch.Tensor, plan_h: AxisPlan, plan
 def _attend(q_tiles, k_halo, v_halo, bias):
     """Dense attention of each tile against its halo; returns (probabilities, output tiles)."""
     scores = torch.matmul(q_tiles, k_halo.transpose(-1, -2))
-    softmax_dtype = _softmax_dtype(scores.dtype)
-    if scores.dtype == softmax_dtype:
-        probs = scores.add_(bias).softmax(dim=-1)
-    else:  # half precision: bias and softmax in float32, matmuls in the input dtype
-        probs = torch.softmax(scores.to(softmax_dtype).add_(bias), dim=-1).to(v_halo.dtype)
+    # in half precision too: converting the scores to float32 and back costs more than the softmax
+    # (whose CPU kernel accumulates in float32 anyway)
+    probs = scores.add_(bias).softmax(dim=-1)
     return probs, torch.matmul(probs, v_halo)
 
 
@@ -283,12 +286,13 @@ class _NeighborhoodAttention(torch.autograd.Function):
         saved, classes = [], []
         for rows in _group_classes(height, dilation[0]):
             for cols in _group_classes(width, dilation[1]):
-                plan_h = plan_axis(rows[2], kernel_size[0], tile)
-                plan_w = plan_axis(cols[2], kernel_size[1], tile)
+                half = dtype in (torch.float16, torch.bfloat16)
+                plan_h = plan_axis(rows[2], kernel_size[0], tile, half)
+                plan_w = plan_axis(cols[2], kernel_size[1], tile, half)
                 q_tiles = _to_tiles(_group_view(q, rows, cols), plan_h, plan_w, scale)
                 k_halo = _to_halos(_group_view(k, rows, cols), plan_h, plan_w)
                 v_halo = _to_halos(_group_view(v, rows, cols), plan_h, plan_w)
-                bias = _tile_bias(rpb, heads, plan_h, plan_w, q.device, _softmax_dtype(dtype))
+                bias = _tile_bias(rpb, heads, plan_h, plan_w, q.device, dtype)
                 probs, out_tiles = _attend(q_tiles, k_halo, v_halo, bias[None, :, None, None])
                 _write_tiles(_group_view(out, rows, cols), out_tiles, plan_h, plan_w)
                 classes.append((rows, cols, plan_h, plan_w))
