@@ -108,6 +108,21 @@ def test_torch_backend_every_tiling_matches_reference(size, tile):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 3000, 10**9], ids=["tile-rows", "batch-items", "whole"])
+def test_torch_backend_chunking_matches_reference(monkeypatch, chunk_bytes):
+    # the scores are computed in chunks (batch items, or rows of tiles when one item is too big)
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", chunk_bytes)
+    shape = (20, 18, 5, 2, 3, 2, 4)
+    q, k, v, rpb = _inputs(shape, torch.float64, "cpu", seed=4)
+    leaves = [t.requires_grad_() for t in (q, k, v, rpb)]
+    expected, _ = reference_na2d(q, k, v, 5, 2, rpb)
+    out = torch_backend.na2d(q, k, v, (5, 5), (2, 2), rpb=rpb, tile=5)
+    grad_out = torch.randn_like(out)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+    for got, want in zip(torch.autograd.grad(out, leaves, grad_out), torch.autograd.grad(expected, leaves, grad_out)):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
 def test_automatic_choice_on_cpu_is_torch_and_logged(caplog):
     q, k, v, rpb = (t.float() for t in _inputs(SHAPES[0], torch.float32, "cpu"))
     with caplog.at_level(logging.DEBUG, logger="dinat.ops"):

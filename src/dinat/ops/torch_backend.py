@@ -263,13 +263,41 @@ def _write_tiles(dest: torch.Tensor, tiles: torch.Tensor, plan_h: AxisPlan, plan
     dest.copy_(source)
 
 
-def _attend(q_tiles, k_halo, v_halo, bias):
-    """Dense attention of each tile against its halo; returns (probabilities, output tiles)."""
-    scores = torch.matmul(q_tiles, k_halo.transpose(-1, -2))
-    # in half precision too: converting the scores to float32 and back costs more than the softmax
-    # (whose CPU kernel accumulates in float32 anyway)
-    probs = scores.add_(bias).softmax(dim=-1)
-    return probs, torch.matmul(probs, v_halo)
+# Scores are computed in chunks of about this many bytes, so that the matmul, the bias, the softmax and the
+# second matmul of a chunk run in cache instead of streaming one large score tensor through memory.
+CHUNK_BYTES = 4 * 2**20
+
+
+def _chunks(q_tiles: torch.Tensor, halo_len: int):
+    """Index tuples cutting (B, h, gh, gw, nTh, ...) tiles along batch, then (if one item is too big) nTh."""
+    batch, n_rows = q_tiles.shape[0], q_tiles.shape[4]
+    per_item = q_tiles[0].numel() // q_tiles.shape[-1] * halo_len * q_tiles.element_size()
+    if per_item <= CHUNK_BYTES:
+        step = max(1, CHUNK_BYTES // per_item)
+        return [(slice(b, b + step),) for b in range(0, batch, step)]
+    step = max(1, n_rows * CHUNK_BYTES // per_item)
+    every = slice(None)
+    return [(slice(b, b + 1), every, every, every, slice(r, r + step)) for b in range(batch) for r in range(0, n_rows, step)]
+
+
+def _softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Row softmax over the last dim, in place (the CPU kernel reads each row before writing it)."""
+    return torch.ops.aten._softmax.out(x, -1, False, out=x)
+
+
+def _attend(q_tiles, k_halo, v_halo, bias, keep_probs: bool):
+    """Dense attention of each tile against its halo, chunk by chunk; returns (probabilities or None, output)."""
+    out = q_tiles.new_empty(q_tiles.shape[:-1] + v_halo.shape[-1:])
+    probs = q_tiles.new_empty(q_tiles.shape[:-1] + k_halo.shape[-2:-1]) if keep_probs else None
+    for index in _chunks(q_tiles, k_halo.shape[-2]):
+        scores = torch.matmul(q_tiles[index], k_halo[index].transpose(-1, -2))
+        # in half precision too: converting the scores to float32 and back costs more than the softmax
+        # (whose CPU kernel accumulates in float32 anyway)
+        scores = _softmax_(scores.add_(bias[(slice(None),) + index[1:]] if len(index) > 1 else bias))
+        if keep_probs:
+            probs[index] = scores
+        out[index] = torch.matmul(scores, v_halo[index])
+    return probs, out
 
 
 class _NeighborhoodAttention(torch.autograd.Function):
@@ -293,7 +321,8 @@ class _NeighborhoodAttention(torch.autograd.Function):
                 k_halo = _to_halos(_group_view(k, rows, cols), plan_h, plan_w)
                 v_halo = _to_halos(_group_view(v, rows, cols), plan_h, plan_w)
                 bias = _tile_bias(rpb, heads, plan_h, plan_w, q.device, dtype)
-                probs, out_tiles = _attend(q_tiles, k_halo, v_halo, bias[None, :, None, None])
+                keep = any(ctx.needs_input_grad[:4])
+                probs, out_tiles = _attend(q_tiles, k_halo, v_halo, bias[None, :, None, None], keep)
                 _write_tiles(_group_view(out, rows, cols), out_tiles, plan_h, plan_w)
                 classes.append((rows, cols, plan_h, plan_w))
                 saved += [q_tiles, k_halo, v_halo, probs, out_tiles]
@@ -327,32 +356,36 @@ class _NeighborhoodAttention(torch.autograd.Function):
 
 
 def _attend_backward(grad_out, q_tiles, k_halo, v_halo, probs, out_tiles, plan_h, plan_w, scale, want_rpb):
-    """Gradients of one class: (dq tiles, dk halos, dv halos, d rpb or None)."""
+    """Gradients of one class, chunk by chunk: (dq tiles, dk halos, dv halos, d rpb or None)."""
     grad_tiles = _to_tiles(grad_out.to(out_tiles.dtype), plan_h, plan_w)
-    grad_v = torch.matmul(probs.transpose(-1, -2), grad_tiles)
-    grad_probs = torch.matmul(grad_tiles, v_halo.transpose(-1, -2))
-    # softmax backward: dS = P * (dP - sum_j P_j dP_j), and sum_j P_j dP_j = dO . O per query
+    grad_q, grad_k, grad_v = torch.empty_like(q_tiles), torch.empty_like(k_halo), torch.empty_like(v_halo)
     softmax_dtype = _softmax_dtype(probs.dtype)
-    delta = (grad_tiles.to(softmax_dtype) * out_tiles.to(softmax_dtype)).sum(dim=-1, keepdim=True)
-    if grad_probs.dtype == softmax_dtype:
-        grad_scores = grad_probs.sub_(delta).mul_(probs)
-    else:
-        grad_scores = (grad_probs.to(softmax_dtype) - delta).mul_(probs)
-    grad_rpb = _rpb_grad(grad_scores, plan_h, plan_w) if want_rpb else None
-    grad_scores = grad_scores.to(q_tiles.dtype)
-    grad_q = torch.matmul(grad_scores, k_halo).mul_(scale)
-    grad_k = torch.matmul(grad_scores.transpose(-1, -2), q_tiles)  # q_tiles are already scaled
+    # d(loss)/d(score) summed over batch and groups, per head and tile position: feeds the RPB gradient
+    score_grad_sum = probs.new_zeros(probs.shape[1:2] + probs.shape[4:], dtype=softmax_dtype) if want_rpb else None
+    for index in _chunks(q_tiles, k_halo.shape[-2]):
+        p, d_out = probs[index], grad_tiles[index]
+        grad_v[index] = torch.matmul(p.transpose(-1, -2), d_out)
+        grad_p = torch.matmul(d_out, v_halo[index].transpose(-1, -2))
+        # softmax backward: dS = P * (dP - sum_j P_j dP_j), and sum_j P_j dP_j = dO . O per query
+        delta = (d_out.to(softmax_dtype) * out_tiles[index].to(softmax_dtype)).sum(dim=-1, keepdim=True)
+        grad_s = grad_p.to(softmax_dtype).sub_(delta).mul_(p)
+        if want_rpb:
+            rows = index[4] if len(index) > 1 else slice(None)
+            score_grad_sum[:, rows] += grad_s.sum(dim=(0, 2, 3))
+        grad_s = grad_s.to(q_tiles.dtype)
+        grad_q[index] = torch.matmul(grad_s, k_halo[index]).mul_(scale)
+        grad_k[index] = torch.matmul(grad_s.transpose(-1, -2), q_tiles[index])  # q_tiles are already scaled
+    grad_rpb = _rpb_grad(score_grad_sum, plan_h, plan_w) if want_rpb else None
     return grad_q, grad_k, grad_v, grad_rpb
 
 
-def _rpb_grad(grad_scores: torch.Tensor, plan_h: AxisPlan, plan_w: AxisPlan) -> torch.Tensor:
-    """Sum d(loss)/d(score) over batch and groups, then into the RPB table by relative position."""
-    heads = grad_scores.shape[1]
-    per_head = grad_scores.sum(dim=(0, 2, 3))  # (h, nTh, nTw, TT, HH)
-    index = _bias_index(plan_h, plan_w, grad_scores.device)
+def _rpb_grad(score_grad_sum: torch.Tensor, plan_h: AxisPlan, plan_w: AxisPlan) -> torch.Tensor:
+    """(h, nTh, nTw, TT, HH) score gradients -> (h, 2Kh-1, 2Kw-1): summed by relative position."""
+    heads = score_grad_sum.shape[0]
+    index = _bias_index(plan_h, plan_w, score_grad_sum.device)
     n_rel = (2 * plan_h.kernel_size - 1) * (2 * plan_w.kernel_size - 1)
-    table = per_head.new_zeros(heads, n_rel + 1)
-    table.index_add_(1, index.reshape(-1), per_head.reshape(heads, -1))
+    table = score_grad_sum.new_zeros(heads, n_rel + 1)
+    table.index_add_(1, index.reshape(-1), score_grad_sum.reshape(heads, -1))
     return table[:, :n_rel].reshape(heads, 2 * plan_h.kernel_size - 1, 2 * plan_w.kernel_size - 1)
 
 
