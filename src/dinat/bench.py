@@ -172,10 +172,23 @@ def bench_models(presets: list[str], batches: list[int], repeat: int, size: int 
             timing = measure(train_step, max(1, repeat // 2 + 1))
             row = {**base, "mode": "training step fp32", **timing, "images_per_s": batch / timing["median_s"]}
             if memory:
-                row["peak_memory_mib"] = training_peak_memory_mib(preset, batch, size)
+                try:
+                    row["peak_memory_mib"] = training_peak_memory_mib(preset, batch, size)
+                except subprocess.CalledProcessError as err:
+                    row["peak_memory_error"] = (err.stderr or "").strip().splitlines()[-1:] or ["failed"]
             results.append(row)
             model.zero_grad(set_to_none=True)
     return results
+
+
+def memory_row(preset: str, batch: int, size: int = 224) -> dict:
+    """Only the training-step peak memory (for batches too large to time here)."""
+    row = {"part": "memory", "model": f"dinat-{preset}", "size": size, "batch": batch, "mode": "training step fp32"}
+    try:
+        row["peak_memory_mib"] = training_peak_memory_mib(preset, batch, size)
+    except subprocess.CalledProcessError as err:
+        row["peak_memory_error"] = (err.stderr or "").strip().splitlines()[-1:] or ["failed"]
+    return row
 
 
 def training_peak_memory_mib(preset: str, batch: int, size: int = 224) -> float:
@@ -277,13 +290,17 @@ def format_tables(results: dict) -> str:
         lines += ["", "| model | size | batch | mode | images/s | median ms | best ms | peak MiB |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in model_rows:
-            peak = f"{r['peak_memory_mib']:.0f}" if "peak_memory_mib" in r else ""
+            peak = f"{r['peak_memory_mib']:.0f}" if "peak_memory_mib" in r else ("failed" if "peak_memory_error" in r else "")
             lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['mode']} | {r['images_per_s']:.2f} | "
                          f"{_ms(r)} | {_ms(r, 'best_s')} | {peak} |")
+    for r in results["rows"]:
+        if r["part"] == "memory":
+            peak = f"{r['peak_memory_mib']:.0f} MiB" if "peak_memory_mib" in r else f"failed: {r['peak_memory_error']}"
+            lines += ["", f"Training-step peak memory, {r['model']} {r['size']}, batch {r['batch']}: {peak}"]
     scaling = [r for r in results["rows"] if r["part"] == "scaling"]
     if scaling:
         base = scaling[0]["median_s"] / scaling[0]["size"] ** 2
-        lines += ["", "| size | ms / image | time per pixel vs 224 |", "|---|---|---|"]
+        lines += ["", f"| size | ms / image | time per pixel vs {scaling[0]['size']} |", "|---|---|---|"]
         for r in scaling:
             lines.append(f"| {r['size']} | {r['ms_per_image']:.1f} | {r['median_s'] / r['size'] ** 2 / base:.2f}x |")
     return "\n".join(lines)
@@ -302,6 +319,8 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dtypes", default="float32,bfloat16", help="op-level dtypes")
     parser.add_argument("--flex-cpu", action="store_true", help="also time eager flex attention on CPU (slow)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--memory-batch", type=int, default=32,
+                        help="also measure the training-step peak memory of DiNAT-mini at this batch (0: skip)")
     parser.add_argument("--output", type=Path, default=Path("bench-results/bench.json"), help="JSON file to write")
     parser.add_argument("--plot", type=Path, default=None, help="write the scaling chart to this PNG")
     parser.set_defaults(func=run)
@@ -340,18 +359,21 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     results = {"machine": machine(), "reference_images_per_s": REFERENCE_IMAGES_PER_S, "rows": []}
-    if "ops" in parts:
-        results["rows"] += bench_ops(args.batch, args.repeat, dtypes, args.flex_cpu)
-    if "models" in parts:
-        results["rows"] += bench_models(presets, batches, args.repeat, memory=not args.no_memory)
-    if "scaling" in parts:
-        results["rows"] += bench_scaling(max(1, args.repeat // 2), sizes)
-        if args.plot is not None:
-            plot_scaling([r for r in results["rows"] if r["part"] == "scaling"], args.plot)
-    print(format_tables(results))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {args.output}")
+    print(format_tables(results), flush=True)
+    steps = {"ops": lambda: bench_ops(args.batch, args.repeat, dtypes, args.flex_cpu),
+             "models": lambda: bench_models(presets, batches, args.repeat, memory=not args.no_memory)
+             + ([] if args.no_memory or not args.memory_batch else [memory_row("mini", args.memory_batch)]),
+             "scaling": lambda: bench_scaling(max(1, args.repeat // 2), sizes)}
+    for part in ("ops", "models", "scaling"):
+        if part in parts:
+            rows = steps[part]()
+            results["rows"] += rows
+            print(format_tables({"machine": results["machine"], "rows": rows}).split("\n", 1)[1], flush=True)
+            args.output.write_text(json.dumps(results, indent=1))  # partial results survive an interruption
+    if "scaling" in parts and args.plot is not None:
+        plot_scaling([r for r in results["rows"] if r["part"] == "scaling"], args.plot)
+    print(f"\nwrote {args.output}" + (f" and {args.plot}" if args.plot and "scaling" in parts else ""))
     return 0
 
 
