@@ -43,15 +43,20 @@ RESOLUTIONS = (224, 384, 512, 768, 1024)
 REFERENCE_IMAGES_PER_S = {"inference_fp32": 0.42, "train_fp32": 0.15}
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+
+
 def measure(fn: Callable[[], object], repeat: int, warmup: int = 1) -> dict[str, float]:
-    """Median and best wall time (seconds) of `repeat` calls after `warmup` calls."""
+    """Median and best time (seconds; wall clock, or this process's CPU time with --clock cpu) of `repeat`
+    calls after `warmup` calls."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = _clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(_clock() - start)
     return {"median_s": statistics.median(times), "best_s": min(times), "runs": repeat}
 
 
@@ -275,7 +280,7 @@ def format_tables(results: dict) -> str:
     lines = []
     info = results["machine"]
     lines.append(f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
-                 f"{info['natten']}, {info['date']}")
+                 f"{info['natten']}, {info['date']}, {info.get('clock', 'wall')} clock")
     op_rows = [r for r in results["rows"] if r["part"] == "op"]
     if op_rows:
         lines += ["", "| stage | shape | dilation | dtype | backend | pass | median ms | best ms |",
@@ -311,6 +316,9 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--parts", default="ops,models,scaling",
                         help="comma-separated: ops, models, scaling (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall (default), or cpu: this process's CPU time, steadier on a shared machine with "
+                             "--threads 1 (with more threads it adds up every thread's time)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (median reported)")
     parser.add_argument("--batch", type=int, default=8, help="batch of the op-level shapes")
     parser.add_argument("--models", default="mini,tiny", help="presets for the model part")
@@ -358,7 +366,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
 
-    results = {"machine": machine(), "reference_images_per_s": REFERENCE_IMAGES_PER_S, "rows": []}
+    global _clock
+    _clock = CLOCKS[args.clock]
+    results = {"machine": {**machine(), "clock": args.clock}, "reference_images_per_s": REFERENCE_IMAGES_PER_S,
+               "rows": []}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     print(format_tables(results), flush=True)
     steps = {"ops": lambda: bench_ops(args.batch, args.repeat, dtypes, args.flex_cpu),

@@ -234,19 +234,33 @@ def _to_halos(x: torch.Tensor, plan_h: AxisPlan, plan_w: AxisPlan) -> torch.Tens
     return x.reshape(*x.shape[:-3], plan_h.halo * plan_w.halo, x.shape[-1])
 
 
+def _fold_axis(grad: torch.Tensor, dim: int, plan: AxisPlan) -> torch.Tensor:
+    """Sum overlapping halos along one axis: (..., nT, halo, ...) at (dim, dim + 1) -> (..., padded_length, ...).
+
+    The halo is cut into pieces of at most `tile` positions; each piece lands on the output through a
+    non-overlapping strided view, so the sum is a few in-place adds (faster than aten's unfold_backward).
+    """
+    n_tiles, tile, halo = plan.n_tiles, plan.tile, plan.halo
+    padded = (n_tiles - 1) * tile + halo
+    shape = list(grad.shape)
+    out = grad.new_zeros(shape[:dim] + [padded] + shape[dim + 2:])
+    for start in range(0, halo, tile):
+        length = min(tile, halo - start)
+        dest = out.narrow(dim, start, (n_tiles - 1) * tile + length).unfold(dim, length, tile)  # (..., nT, ..., len)
+        dest.add_(grad.narrow(dim + 1, start, length).movedim(dim + 1, -1))
+    return out
+
+
 def _from_halos(grad: torch.Tensor, shape: torch.Size, plan_h: AxisPlan, plan_w: AxisPlan) -> torch.Tensor:
     """Adjoint of `_to_halos`: sum each tile's halo gradient back onto the (..., Lh, Lw, D) map."""
     if plan_h.n_tiles == 1 and plan_w.n_tiles == 1:
         return grad.reshape(shape)
     *lead, len_h, len_w, dim = shape
-    padded_h = len_h + plan_h.pad_before + plan_h.pad_after
-    padded_w = len_w + plan_w.pad_before + plan_w.pad_after
-    grad = grad.unflatten(-2, (plan_h.halo, plan_w.halo))  # (..., nTh, nTw, Hh, Hw, D)
-    grad = grad.permute(*range(grad.dim() - 5), -5, -4, -1, -3, -2)  # (..., nTh, nTw, D, Hh, Hw)
     nd = len(lead)
-    grad = torch.ops.aten.unfold_backward(
-        grad, [*lead, plan_h.n_tiles, padded_w, dim, plan_h.halo], nd + 1, plan_w.halo, plan_w.tile)
-    grad = torch.ops.aten.unfold_backward(grad, [*lead, padded_h, padded_w, dim], nd, plan_h.halo, plan_h.tile)
+    grad = grad.unflatten(-2, (plan_h.halo, plan_w.halo))  # (..., nTh, nTw, Hh, Hw, D)
+    grad = grad.movedim(nd + 2, nd + 1)  # (..., nTh, Hh, nTw, Hw, D)
+    grad = _fold_axis(grad, nd + 2, plan_w)  # (..., nTh, Hh, Wp, D)
+    grad = _fold_axis(grad, nd, plan_h)  # (..., Hp, Wp, D)
     return grad[..., plan_h.pad_before:plan_h.pad_before + len_h, plan_w.pad_before:plan_w.pad_before + len_w, :]
 
 
