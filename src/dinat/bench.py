@@ -9,7 +9,8 @@ Three parts, each printed as a markdown table and written together as JSON:
   scaling  DiNAT-mini inference time per image at 224 .. 1024 (with `--plot FILE.png`, a chart).
 
 Each timing is the median of `--repeat` runs after a warm-up (the best run is kept too). Peak memory is
-the growth of the process's peak resident set over a training step, measured in a fresh subprocess.
+the peak resident set of a fresh subprocess during its second training step, less its resident set before
+the first (Linux /proc).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -208,8 +208,19 @@ def _peak_in_this_process(preset: str, batch: int, size: int) -> float:
     model = _model(preset).train()
     pixels, labels = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
     before = _rss_mib()
+    model(pixels, labels=labels).loss.backward()  # warm-up: one-time allocations
+    model.zero_grad(set_to_none=True)
+    # the peak-RSS mark is inherited from the parent process: reset it (Linux: "5" > clear_refs)
+    Path("/proc/self/clear_refs").write_text("5")
     model(pixels, labels=labels).loss.backward()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    return _status_mib("VmHWM") - before
+
+
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"/proc/self/status has no {field}")
 
 
 def _rss_mib() -> float:
