@@ -316,7 +316,8 @@ def _attend(q_tiles, k_halo, v_halo, bias, keep_probs: bool):
 
 class _NeighborhoodAttention(torch.autograd.Function):
     """Fused NA on (B, heads, H, W, D) tensors: per class of equal dilation groups, query tiles attend to
-    their key halos. Saves each class's tiles and probabilities for the backward pass."""
+    their key halos. Saves q, k, v, the output and each class's probabilities; the backward pass re-cuts the
+    tiles and halos (cheap copies) rather than keeping them, which would hold ~3.5x k and v at 7x7 tiles."""
 
     @staticmethod
     def forward(ctx, q, k, v, rpb, kernel_size: Pair, dilation: Pair, scale: float, tile: int | None):
@@ -325,12 +326,12 @@ class _NeighborhoodAttention(torch.autograd.Function):
         input_dtypes = (q.dtype, k.dtype, v.dtype)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         out = q.new_empty(batch, height, width, heads, dim).permute(0, 3, 1, 2, 4)
-        saved, classes = [], []
+        probs_per_class, classes = [], []
         for rows in _group_classes(height, dilation[0]):
             for cols in _group_classes(width, dilation[1]):
                 half = dtype in (torch.float16, torch.bfloat16)
-                plan_h = plan_axis(rows[2], kernel_size[0], tile, half)
-                plan_w = plan_axis(cols[2], kernel_size[1], tile, half)
+                plan_h = plan_axis(rows[2], kernel_size[0], tile[0], half)
+                plan_w = plan_axis(cols[2], kernel_size[1], tile[1], half)
                 q_tiles = _to_tiles(_group_view(q, rows, cols), plan_h, plan_w, scale)
                 k_halo = _to_halos(_group_view(k, rows, cols), plan_h, plan_w)
                 v_halo = _to_halos(_group_view(v, rows, cols), plan_h, plan_w)
@@ -339,23 +340,27 @@ class _NeighborhoodAttention(torch.autograd.Function):
                 probs, out_tiles = _attend(q_tiles, k_halo, v_halo, bias[None, :, None, None], keep)
                 _write_tiles(_group_view(out, rows, cols), out_tiles, plan_h, plan_w)
                 classes.append((rows, cols, plan_h, plan_w))
-                saved += [q_tiles, k_halo, v_halo, probs, out_tiles]
+                probs_per_class.append(probs)
         if any(ctx.needs_input_grad[:4]):
-            ctx.save_for_backward(*saved)
+            ctx.save_for_backward(q, k, v, out, *probs_per_class)
             ctx.classes, ctx.scale, ctx.has_rpb = classes, scale, rpb is not None
             ctx.input_dtypes = input_dtypes
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
+        q, k, v, out, *probs_per_class = ctx.saved_tensors
         batch, heads, height, width, dim = grad_out.shape
         # q, k, v gradients side by side in (B, H, W, 3, heads, D) memory: the layout of a fused qkv projection
-        grads = grad_out.new_empty(batch, height, width, 3, heads, dim, dtype=saved[0].dtype).permute(3, 0, 4, 1, 2, 5)
+        grads = grad_out.new_empty(batch, height, width, 3, heads, dim, dtype=q.dtype).permute(3, 0, 4, 1, 2, 5)
         grad_q, grad_k, grad_v = grads.unbind(0)
         grad_rpb = None
         for index, (rows, cols, plan_h, plan_w) in enumerate(ctx.classes):
-            q_tiles, k_halo, v_halo, probs, out_tiles = saved[5 * index:5 * index + 5]
+            q_tiles = _to_tiles(_group_view(q, rows, cols), plan_h, plan_w, ctx.scale)
+            k_halo = _to_halos(_group_view(k, rows, cols), plan_h, plan_w)
+            v_halo = _to_halos(_group_view(v, rows, cols), plan_h, plan_w)
+            out_tiles = _to_tiles(_group_view(out, rows, cols), plan_h, plan_w)
+            probs = probs_per_class[index]
             dq, dk, dv, drpb = _attend_backward(_group_view(grad_out, rows, cols), q_tiles, k_halo, v_halo, probs,
                                                 out_tiles, plan_h, plan_w, ctx.scale,
                                                 ctx.has_rpb and ctx.needs_input_grad[3])
@@ -424,13 +429,16 @@ def _group_view(x: torch.Tensor, rows, cols) -> torch.Tensor:
 
 
 def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, dilation: Pair,
-         rpb: torch.Tensor | None = None, scale: float | None = None, tile: int | None = None) -> torch.Tensor:
+         rpb: torch.Tensor | None = None, scale: float | None = None,
+         tile: int | tuple[int | None, int | None] | None = None) -> torch.Tensor:
     """Fused neighborhood attention: softmax(q k^T * scale + rpb) v over each query's window.
 
     Returns (B, heads, H, W, D) as a view of a (B, H, W, heads, D) tensor, so that merging heads back into
-    channels is free. `tile` forces the query tile size (default: chosen per axis by `plan_axis`).
+    channels is free. `tile` forces the query tile size, one int or (rows, cols) (default: chosen per axis
+by `plan_axis`).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    tile = tuple(tile) if isinstance(tile, (tuple, list)) else (tile, tile)
     return _NeighborhoodAttention.apply(q, k, v, rpb, tuple(kernel_size), tuple(dilation), scale, tile)
 
 
