@@ -17,8 +17,8 @@ from dinat import DinatConfig, DinatForImageClassification, ops
 from dinat.ops import dispatch, torch_backend
 from reference_na import reference_na2d
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 GPU_REASON = "no CUDA device here; GPU backends are tested on a GPU machine"
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=GPU_REASON))]
 
 # (height, width, kernel, dilation, batch, heads, head_dim)
 SHAPES = [

@@ -8,6 +8,13 @@ Tensors are heads-first, as in NATTEN 0.17's `na2d_qk` / `na2d_av`:
 Semantics (NATTEN 0.17): an axis of length L with dilation d splits into d interleaved groups
 (positions i with i % d == g). Each group is an ordinary axis of length ceil((L - g) / d) on which
 the window of K keys is clamped to stay inside, so every query sees exactly K keys per axis.
+
+The unfused pair (`na2d_qk`, `na2d_av`) gathers each window. The fused `na2d` never does: each class
+of equal-length dilation groups is a strided view, cut into tiles of queries; each tile attends densely
+to its halo of keys (an `unfold` view with a uniform step, thanks to K//2 padding), with the window and
+the RPB as one additive bias (-inf outside the window). Scores are computed in cache-sized chunks; a
+custom backward recomputes the tiles and folds halo gradients back with strided adds. Cost and memory
+are linear in H*W; tile sizes are chosen per axis (`plan_axis`).
 """
 
 from __future__ import annotations
@@ -295,7 +302,9 @@ def _chunks(q_tiles: torch.Tensor, halo_len: int):
 
 
 def _softmax_(x: torch.Tensor) -> torch.Tensor:
-    """Row softmax over the last dim, in place (the CPU kernel reads each row before writing it)."""
+    """Row softmax over the last dim, in place on CPU (its kernel reads each row before writing it)."""
+    if x.device.type != "cpu":
+        return x.softmax(dim=-1)
     return torch.ops.aten._softmax.out(x, -1, False, out=x)
 
 
