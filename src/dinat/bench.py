@@ -228,6 +228,92 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+# -- the reference stack, in its own interpreter ------------------------------------------------------------
+# transformers 4.x and this package's transformers 5.x cannot share an environment, so the reference
+# (transformers 4.46 + NATTEN 0.17) runs in another Python given by --reference-python. The snippet bridges
+# the import gaps of NATTEN 0.17 on a current CPU-only torch without replacing any kernel.
+_REFERENCE_SNIPPET = r"""
+import json, os, sys, time, typing
+import torch
+if not hasattr(torch.cuda, "_device_t"):
+    torch.cuda._device_t = typing.Union[torch.device, str, int, None]
+if not torch.cuda.is_available():
+    torch.cuda.get_device_capability = lambda *a, **k: (0, 0)
+import natten, natten.functional as nf
+if not hasattr(nf, "natten2dqkrpb"):  # 0.17 renamed the ops transformers 4.x imports
+    nf.natten2dqkrpb = lambda q, k, rpb, ks, dil: nf.na2d_qk(q, k, ks, dil, rpb=rpb)
+    nf.natten2dav = lambda a, v, ks, dil: nf.na2d_av(a, v, ks, dil)
+import transformers
+from transformers import DinatConfig, DinatForImageClassification
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+clock = time.process_time if args["clock"] == "cpu" else time.perf_counter
+torch.manual_seed(0)
+model = DinatForImageClassification(DinatConfig(**args["config"]))
+def measure(fn, repeat):
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = clock(); fn(); times.append(clock() - start)
+    times.sort()
+    return {"median_s": times[len(times) // 2], "best_s": times[0], "runs": repeat}
+def status_mib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+if args["mode"] == "memory":
+    model.train()
+    pixels = torch.randn(args["batch"], 3, args["size"], args["size"])
+    labels = torch.randint(0, 1000, (args["batch"],))
+    before = status_mib("VmRSS")
+    model(pixels, labels=labels).loss.backward()
+    model.zero_grad(set_to_none=True)
+    open("/proc/self/clear_refs", "w").write("5")
+    model(pixels, labels=labels).loss.backward()
+    print(json.dumps({"peak_memory_mib": status_mib("VmHWM") - before}))
+    sys.exit(0)
+pixels = torch.randn(args["batch"], 3, args["size"], args["size"])
+labels = torch.randint(0, 1000, (args["batch"],))
+rows = []
+model.eval()
+with torch.inference_mode():
+    rows.append({"mode": "inference fp32", **measure(lambda: model(pixels), args["repeat"])})
+model.train()
+def step():
+    model.zero_grad(set_to_none=True)
+    model(pixels, labels=labels).loss.backward()
+rows.append({"mode": "training step fp32", **measure(step, max(1, args["repeat"] // 2 + 1))})
+print(json.dumps({"versions": {"transformers": transformers.__version__, "natten": natten.__version__},
+                  "rows": rows}))
+"""
+
+
+def bench_reference(python: str, preset: str, batch: int, repeat: int, clock: str,
+                    memory_batch: int = 0) -> list[dict]:
+    """DiNAT `preset` on the reference stack in interpreter `python`: inference and training step, and the
+    training-step peak memory at `memory_batch` (0: skip)."""
+    config = {k: v for k, v in PRESETS[preset].items()} | {"num_labels": 1000}
+    common = {"config": config, "size": 224, "threads": torch.get_num_threads(), "clock": clock}
+
+    def call(extra):
+        result = subprocess.run([python, "-c", _REFERENCE_SNIPPET, json.dumps({**common, **extra})],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            tail = (result.stderr or "").strip().splitlines()[-1:] or ["failed"]
+            raise ValueError(f"the reference stack in {python} failed: {tail[0]}")
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    output = call({"mode": "time", "batch": batch, "repeat": repeat})
+    label = "reference (transformers {transformers} + NATTEN {natten})".format(**output["versions"])
+    rows = [{"part": "model", "model": f"dinat-{preset}", "size": 224, "batch": batch, "stack": label, **row,
+             "images_per_s": batch / row["median_s"]} for row in output["rows"]]
+    if memory_batch:
+        peak = call({"mode": "memory", "batch": memory_batch, "repeat": 1})["peak_memory_mib"]
+        rows.append({"part": "memory", "model": f"dinat-{preset}", "size": 224, "batch": memory_batch,
+                     "mode": "training step fp32", "stack": label, "peak_memory_mib": peak})
+    return rows
+
+
 # -- resolution scaling -----------------------------------------------------------------------------------
 def bench_scaling(repeat: int, resolutions=RESOLUTIONS) -> list[dict]:
     model = _model("mini").eval()
@@ -275,9 +361,10 @@ def plot_scaling(rows: list[dict], path: Path) -> None:
         x, y = point(p, t)
         draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(31, 119, 180))
         draw.text((x - 20, y - 20), f"{t:.0f}", fill=(31, 119, 180))
-    draw.text((left, 12), "DiNAT-mini inference, batch 1, float32: ms per image vs image side (x axis: pixels)",
+    draw.text((left, 12), "DiNAT-mini inference, batch 1, float32: time per image (ms) against resolution",
               fill="black")
-    draw.text((width // 2 - 120, height - 22), "image side (x scaled by pixel count); grey: linear", fill="black")
+    draw.text((left + 40, height - 22), "image side in pixels (axis spaced by pixel count); grey line: time "
+              "proportional to pixel count", fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 
@@ -307,12 +394,14 @@ def format_tables(results: dict) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for r in model_rows:
             peak = f"{r['peak_memory_mib']:.0f}" if "peak_memory_mib" in r else ("failed" if "peak_memory_error" in r else "")
-            lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['mode']} | {r['images_per_s']:.2f} | "
+            model = r["model"] + (f" on the {r['stack']}" if "stack" in r else "")
+            lines.append(f"| {model} | {r['size']} | {r['batch']} | {r['mode']} | {r['images_per_s']:.2f} | "
                          f"{_ms(r)} | {_ms(r, 'best_s')} | {peak} |")
     for r in results["rows"]:
         if r["part"] == "memory":
             peak = f"{r['peak_memory_mib']:.0f} MiB" if "peak_memory_mib" in r else f"failed: {r['peak_memory_error']}"
-            lines += ["", f"Training-step peak memory, {r['model']} {r['size']}, batch {r['batch']}: {peak}"]
+            model = r["model"] + (f" on the {r['stack']}" if "stack" in r else "")
+            lines += ["", f"Training-step peak memory, {model} {r['size']}, batch {r['batch']}: {peak}"]
     scaling = [r for r in results["rows"] if r["part"] == "scaling"]
     if scaling:
         base = scaling[0]["median_s"] / scaling[0]["size"] ** 2
@@ -340,6 +429,9 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-batch", type=int, default=32,
                         help="also measure the training-step peak memory of DiNAT-mini at this batch (0: skip)")
+    parser.add_argument("--reference-python", default=None,
+                        help="a Python whose environment has the reference stack (transformers 4.46 + NATTEN 0.17): "
+                             "DiNAT-mini is measured there too, side by side")
     parser.add_argument("--output", type=Path, default=Path("bench-results/bench.json"), help="JSON file to write")
     parser.add_argument("--plot", type=Path, default=None, help="write the scaling chart to this PNG")
     parser.set_defaults(func=run)
@@ -387,6 +479,10 @@ def run(args: argparse.Namespace) -> int:
              "models": lambda: bench_models(presets, batches, args.repeat, memory=not args.no_memory)
              + ([] if args.no_memory or not args.memory_batch else [memory_row("mini", args.memory_batch)]),
              "scaling": lambda: bench_scaling(max(1, args.repeat // 2), sizes)}
+    if args.reference_python:
+        steps["models"] = (lambda models=steps["models"]: models() + bench_reference(
+            args.reference_python, "mini", 8, min(args.repeat, 2), args.clock,
+            0 if args.no_memory else args.memory_batch))
     for part in ("ops", "models", "scaling"):
         if part in parts:
             rows = steps[part]()
