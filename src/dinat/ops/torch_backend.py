@@ -329,7 +329,13 @@ class _NeighborhoodAttention(torch.autograd.Function):
     tiles and halos (cheap copies) rather than keeping them, which would hold ~3.5x k and v at 7x7 tiles."""
 
     @staticmethod
-    def forward(ctx, q, k, v, rpb, kernel_size: Pair, dilation: Pair, scale: float, tile: int | None):
+    def forward(ctx, q, k, v, rpb, kernel_size: Pair, dilation: Pair, scale: float, tile):
+        # the op computes in its inputs' dtype (under autocast q, k, v arrive in the autocast dtype already)
+        with torch.autocast(q.device.type, enabled=False):
+            return _NeighborhoodAttention._forward(ctx, q, k, v, rpb, kernel_size, dilation, scale, tile)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, rpb, kernel_size: Pair, dilation: Pair, scale: float, tile):
         batch, heads, height, width, dim = q.shape
         dtype = torch.result_type(q, v)
         input_dtypes = (q.dtype, k.dtype, v.dtype)
@@ -358,6 +364,11 @@ class _NeighborhoodAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _NeighborhoodAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         q, k, v, out, *probs_per_class = ctx.saved_tensors
         batch, heads, height, width, dim = grad_out.shape
         # q, k, v gradients side by side in (B, H, W, 3, heads, D) memory: the layout of a fused qkv projection
