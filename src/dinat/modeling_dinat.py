@@ -340,6 +340,9 @@ def check_pixel_values(pixel_values: torch.Tensor, num_channels: int) -> None:
         raise ValueError(f"pixel_values has an empty image: shape {tuple(pixel_values.shape)}")
 
 
+NAT_KEY_MAPPING = {r"^nat\.": "dinat."}  # transformers' NAT keeps the trunk under `nat.`, DiNAT under `dinat.`
+
+
 class DinatPreTrainedModel(PreTrainedModel):
     config_class = DinatConfig
     config: DinatConfig
@@ -348,6 +351,16 @@ class DinatPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["DinatLayer"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' loader, plus NAT checkpoints (trunk under `nat.`) and clear errors for missing ids."""
+        from .hub import clear_loading_errors
+
+        # DiNAT checkpoints have no `nat.` keys, so this renaming only ever touches NAT checkpoints
+        kwargs["key_mapping"] = {**NAT_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
+        with clear_loading_errors(pretrained_model_name_or_path, "model"):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
