@@ -360,7 +360,14 @@ class DinatPreTrainedModel(PreTrainedModel):
         # DiNAT checkpoints have no `nat.` keys, so this renaming only ever touches NAT checkpoints
         kwargs["key_mapping"] = {**NAT_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
         with clear_loading_errors(pretrained_model_name_or_path, "model"):
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        # transformers re-applies the renamings it used when saving; a loaded NAT checkpoint saves as DiNAT
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            model._weight_conversions = [c for c in conversions
+                                         if list(getattr(c, "source_patterns", ())) != list(NAT_KEY_MAPPING)]
+        return loaded
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
