@@ -56,7 +56,7 @@ def small_dinat_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "classifier" in name or "rpb" in name:
-                param.normal_(0.0, 0.5)
+                param.normal_(0.0, 3.0 if "classifier" in name else 0.5)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
