@@ -165,6 +165,13 @@ class DinatConfig(PreTrainedConfig):
         output["out_indices"] = output.pop("_out_indices", None)
         return output
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "DinatConfig":
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except ValueError as err:
+            raise ValueError(f"{pretrained_model_name_or_path}: invalid DiNAT config.json: {err}") from None
+
     # -- NAT checkpoints ------------------------------------------------------------------------------
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):

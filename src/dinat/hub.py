@@ -78,16 +78,13 @@ def clear_loading_errors(name: str | os.PathLike, what: str = "model",
 
 
 def _is_not_found(name, err: Exception, cache_dir) -> bool:
-    """True when `name` is neither an existing path nor a cached hub repository (so the error is 'not found')."""
-    from huggingface_hub.errors import HFValidationError
-
+    """True when `name` is neither an existing path nor a cached hub repository: nothing was found to load, so
+    whatever failed (a hub lookup, id validation, a wrapped ValueError) failed for that reason."""
     if not isinstance(name, (str, os.PathLike)):
         return False
     text = str(name)
     if os.path.exists(text):
         return False  # found locally: the error is about its contents, keep it
-    if isinstance(err, ValueError) and not isinstance(err, HFValidationError):
-        return False
     return not (_looks_like_repo_id(text) and is_cached(text, cache_dir))
 
 

@@ -22,6 +22,7 @@ from transformers.utils import ModelOutput
 
 from . import ops
 from .configuration_dinat import DinatConfig
+from .loading import checked_from_pretrained
 
 
 # -------------------------------------------------------------------------------------------------
@@ -354,13 +355,17 @@ class DinatPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """transformers' loader, plus NAT checkpoints (trunk under `nat.`) and clear errors for missing ids."""
+        """transformers' from_pretrained (folders, hub ids, cache, revision, offline), with clear errors for
+        corrupt files, unsafe pickles, missing/unexpected keys and shape mismatches (see dinat.loading), for
+        checkpoints that cannot be found (see dinat.hub), and NAT checkpoints (trunk under `nat.`) loaded as DiNAT.
+        Extra keyword: `strict=False` downgrades missing/unexpected keys to transformers' warnings."""
         from .hub import clear_loading_errors
 
         # DiNAT checkpoints have no `nat.` keys, so this renaming only ever touches NAT checkpoints
         kwargs["key_mapping"] = {**NAT_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
         with clear_loading_errors(pretrained_model_name_or_path, "model"):
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            loaded = checked_from_pretrained(super().from_pretrained, pretrained_model_name_or_path, model_args,
+                                             kwargs)
         # transformers re-applies the renamings it used when saving; a loaded NAT checkpoint saves as DiNAT
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         conversions = getattr(model, "_weight_conversions", None)
