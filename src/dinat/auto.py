@@ -2,8 +2,10 @@
 
 transformers ships its own DiNAT, which needs the NATTEN package and, in 5.x, lays attention out wrongly.
 `import dinat` calls `register_with_transformers()`, after which `AutoConfig`, `AutoModel`,
-`AutoModelForImageClassification`, `AutoBackbone`, `AutoImageProcessor` (for configs naming no processor class) and `pipeline(...)` build this
-package's classes for DiNAT checkpoints. Registration is idempotent and only affects this process.
+`AutoModelForImageClassification`, `AutoBackbone` and `pipeline(...)` build this package's classes for DiNAT
+checkpoints, and `AutoImageProcessor` builds `DinatImageProcessor` for processor configs that name it or name
+no class (the hub DiNAT checkpoints name `ViTFeatureExtractor`, which transformers maps to its own ViT
+processor: it computes the same pixels). Registration is idempotent and only affects this process.
 """
 
 from __future__ import annotations

@@ -35,8 +35,9 @@ _DERIVED_KEYS = ("hidden_size", "num_layers", "stage_names")
 class DinatConfig(PreTrainedConfig):
     r"""Configuration of a DiNAT model, with the same fields and defaults as transformers' `DinatConfig`.
 
-    The defaults describe DiNAT-mini (`shi-labs/dinat-mini-in1k-224`). `DinatConfig.from_preset("tiny")` builds
-    the paper's other variants. Every layer of stage `i` has kernel `kernel_size` and dilation `dilations[i][j]`.
+    The defaults describe DiNAT-mini
+    ([shi-labs/dinat-mini-in1k-224](https://huggingface.co/shi-labs/dinat-mini-in1k-224)).
+    `DinatConfig.from_preset("tiny")` builds the paper's other variants. Every layer of stage `i` has kernel `kernel_size` and dilation `dilations[i][j]`.
     Backbone outputs are chosen with `out_features` (names from `stage_names`: "stem", "stage1", ...) or
     `out_indices`.
     """

@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypedDict, Union
+from typing import Any, TypedDict, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -130,7 +131,8 @@ class DinatImageProcessor(BaseImageProcessor):
         return output
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> "DinatImageProcessor":
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args,
+                        **kwargs) -> "DinatImageProcessor":
         """Load `preprocessor_config.json` from a folder, a JSON file or a hub id (cached copies work offline)."""
         from .hub import clear_loading_errors
 
@@ -231,9 +233,7 @@ class DinatImageProcessor(BaseImageProcessor):
 # Input handling
 # -------------------------------------------------------------------------------------------------
 def _as_list(images) -> list:
-    if isinstance(images, (list, tuple)):
-        items = list(images)
-    elif _is_batch_array(images):
+    if isinstance(images, (list, tuple)) or _is_batch_array(images):  # a 4-D array or tensor is a batch
         items = list(images)
     else:
         items = [images]
