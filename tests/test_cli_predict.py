@@ -116,10 +116,13 @@ def assert_one_line_error(command: str, stderr: str, fragment: str) -> None:
 def test_errors_are_one_line(hub, tmp_path, capsys):
     not_image = tmp_path / "notes.jpg"
     not_image.write_text("not an image")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes((IMAGES / "noise_224.png").read_bytes()[:5000])
     model, good = str(hub["snapshot"]), str(IMAGES / "noise_224.png")
     cases = [
         (["predict", str(tmp_path / "missing.png"), "--model", model], "no such file"),
-        (["predict", good, str(not_image), "--model", model], f"image 2 ('{not_image}'): not an image file"),
+        (["predict", good, str(not_image), "--model", model], f"{not_image}: not an image file"),
+        (["predict", good, str(truncated), "--model", model], f"image 2 ('{truncated}'): cannot decode image"),
         (["predict", good, "--model", str(tmp_path / "no-model")], "no such folder"),
         (["predict", good, "--model", model, "--top-k", "0"], "--top-k"),
         (["predict", good, "--model", model, "--device", "warp-drive"], "unknown device"),

@@ -52,9 +52,10 @@ def run_predict(args: argparse.Namespace) -> int:
         raise CliError(f"--top-k must be at least 1, got {args.top_k}")
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
-    for path in args.images:  # fail before loading the model if an input is obviously missing
+    for path in args.images:  # fail before loading the model on a missing file or one that is no image at all
         if not os.path.isfile(path):
             raise CliError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
+        _check_image_header(path)
 
     import torch
 
@@ -70,6 +71,27 @@ def run_predict(args: argparse.Namespace) -> int:
             for pred in result["predictions"]:
                 print(f"  {pred['score']:.4f}  {pred['label']}")
     return 0
+
+
+def _check_image_header(path: str) -> None:
+    """Identify the file's format from its header (cheap); decoding errors surface later, per image."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    from .cli import CliError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # reported with the decode
+            with Image.open(path):
+                pass
+    except UnidentifiedImageError:
+        raise CliError(f"{path}: not an image file PIL can read") from None
+    except Image.DecompressionBombError:
+        pass  # reported by the processor with its limit
+    except OSError as err:
+        raise CliError(f"{path}: cannot read image: {err}") from None
 
 
 def load_classifier(model_name: str, device=None, dtype=None):
