@@ -96,3 +96,25 @@ print(json.dumps({{"model_class": type(classify.model).__module__ + "." + type(c
     expected_labels = [config["id2label"][str(i)] for i in indices.tolist()]
     assert [r["label"] for r in result["results"]] == expected_labels
     torch.testing.assert_close(torch.tensor([r["score"] for r in result["results"]]), scores, atol=1e-5, rtol=1e-4)
+
+
+def test_pipeline_uses_our_processor_when_the_config_names_it(tmp_path):
+    from transformers import pipeline
+
+    config = small_dinat_config_dict()
+    model = dinat.DinatForImageClassification(dinat.DinatConfig(**config)).eval()
+    model.load_state_dict(small_dinat_state_dict())
+    model.save_pretrained(tmp_path)
+    dinat.DinatImageProcessor(size=224, resample=3).save_pretrained(tmp_path)  # the hub checkpoints' settings
+
+    classify = pipeline("image-classification", model=str(tmp_path))
+    assert type(classify.image_processor) is dinat.DinatImageProcessor
+    assert type(classify.model) is dinat.DinatForImageClassification
+    image = FIXTURES / "processor" / "images" / "gradient_640x480.png"
+    results = classify(str(image), top_k=3)
+
+    pixel_values = load_file(str(FIXTURES / "processor" / "vit_legacy_bicubic_224" / "pixel_values.safetensors"))
+    with torch.no_grad():
+        scores, indices = model(pixel_values[image.stem]).logits.softmax(-1)[0].topk(3)
+    assert [r["label"] for r in results] == [config["id2label"][str(i)] for i in indices.tolist()]
+    torch.testing.assert_close(torch.tensor([r["score"] for r in results]), scores, atol=1e-5, rtol=1e-4)

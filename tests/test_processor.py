@@ -273,3 +273,16 @@ def test_bad_settings_raise_value_errors():
         DinatImageProcessor(crop_pct=1.5)
     with pytest.raises(ValueError, match="unknown arguments"):
         DinatImageProcessor()(IMAGES / "noise_224.png", sizes=3)
+
+
+def test_settings_round_trip_and_input_size(tmp_path):
+    processor = DinatImageProcessor(size=224, crop_pct=0.875, resample="bicubic", image_mean=0.5, image_std=0.5)
+    processor.save_pretrained(tmp_path)
+    for source in (tmp_path, tmp_path / "preprocessor_config.json"):
+        reloaded = DinatImageProcessor.from_pretrained(source)
+        assert reloaded.to_dict() == processor.to_dict()
+    assert processor.input_size == (224, 224)
+    assert DinatImageProcessor(size=64, do_center_crop=True, crop_size=48).input_size == (48, 48)
+    assert DinatImageProcessor(size={"shortest_edge": 64}).input_size is None
+    out = processor(IMAGES / "gradient_640x480.png", return_tensors="np")["pixel_values"]
+    assert out.shape == (1, 3, 224, 224)

@@ -59,7 +59,7 @@ class DinatImageProcessor(BaseImageProcessor):
         resample: PIL filter, an int (2 bilinear, 3 bicubic, ...) or its name. Default bilinear, as ViT.
         do_center_crop / crop_size: after resizing, center crop to `crop_size` ({"height", "width"} or int).
         crop_pct: the paper's evaluation transform: resize the shorter side to floor(size / crop_pct), then
-            center crop to `size` (e.g. 0.875: 256 -> 224). Overrides the plain resize when set.
+            center crop to `size` (e.g. 0.875: 256 -> 224). When set, it replaces the plain resize and crop.
         do_rescale / rescale_factor: multiply 8-bit values by `rescale_factor` (1/255). Float inputs are taken
             to be in [0, 1] already and are not rescaled.
         do_normalize / image_mean / image_std: (x - mean) / std per channel (ImageNet statistics by default).
@@ -142,9 +142,10 @@ class DinatImageProcessor(BaseImageProcessor):
     @property
     def input_size(self) -> tuple[int, int] | None:
         """(height, width) of the pixel values for any image, or None when it depends on the image."""
-        if self.crop_pct is not None or self.do_center_crop:
-            crop = self.crop_size if self.do_center_crop and self.crop_size else self.size
-            return crop["height"], crop["width"]
+        if self.crop_pct is not None:
+            return self.size["height"], self.size["width"]
+        if self.do_center_crop:
+            return self.crop_size["height"], self.crop_size["width"]
         if self.do_resize and "height" in self.size:
             return self.size["height"], self.size["width"]
         return None
