@@ -44,7 +44,7 @@ def is_cached(repo_id: str, cache_dir: str | os.PathLike | None = None) -> bool:
 def describe_missing(name: str, what: str = "model", cache_dir: str | os.PathLike | None = None) -> str:
     """One sentence: what was looked for, where, and how to fix it."""
     cache = str(cache_dir or hub_cache_dir())
-    looks_like_path = os.sep in name and not _looks_like_repo_id(name) or name.startswith((".", "~"))
+    looks_like_path = (os.sep in name and not _looks_like_repo_id(name)) or name.startswith((".", "~"))
     if looks_like_path or Path(name).suffix in {".json", ".bin", ".safetensors"}:
         return (f"cannot load {what} {name!r}: there is no such folder or file; check the path "
                 "(a local checkpoint is a folder holding config.json and the weights)")
