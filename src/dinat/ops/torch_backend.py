@@ -313,13 +313,19 @@ def _attend(q_tiles, k_halo, v_halo, bias, keep_probs: bool):
     out = q_tiles.new_empty(q_tiles.shape[:-1] + v_halo.shape[-1:])
     probs = q_tiles.new_empty(q_tiles.shape[:-1] + k_halo.shape[-2:-1]) if keep_probs else None
     for index in _chunks(q_tiles, k_halo.shape[-2]):
-        scores = torch.matmul(q_tiles[index], k_halo[index].transpose(-1, -2))
+        # batch chunks are contiguous slices: the matmuls write into them directly
+        direct = len(index) == 1
+        scores = torch.matmul(q_tiles[index], k_halo[index].transpose(-1, -2),
+                              out=probs[index] if keep_probs and direct else None)
         # in half precision too: converting the scores to float32 and back costs more than the softmax
         # (whose CPU kernel accumulates in float32 anyway)
-        scores = _softmax_(scores.add_(bias[(slice(None),) + index[1:]] if len(index) > 1 else bias))
-        if keep_probs:
+        scores = _softmax_(scores.add_(bias if direct else bias[(slice(None),) + index[1:]]))
+        if keep_probs and not direct:
             probs[index] = scores
-        out[index] = torch.matmul(scores, v_halo[index])
+        if direct:
+            torch.matmul(scores, v_halo[index], out=out[index])
+        else:
+            out[index] = torch.matmul(scores, v_halo[index])
     return probs, out
 
 
