@@ -331,8 +331,10 @@ def _attend(q_tiles, k_halo, v_halo, bias, keep_probs: bool):
 
 class _NeighborhoodAttention(torch.autograd.Function):
     """Fused NA on (B, heads, H, W, D) tensors: per class of equal dilation groups, query tiles attend to
-    their key halos. Saves q, k, v, the output and each class's probabilities; the backward pass re-cuts the
-    tiles and halos (cheap copies) rather than keeping them, which would hold ~3.5x k and v at 7x7 tiles."""
+    their key halos. Saves q, k, v and the output; the backward pass re-cuts the tiles and halos (cheap copies)
+    rather than keeping them (~3.5x k and v at 7x7 tiles). Probabilities are kept only where a tile's halo
+    is small (at most 2 K*K keys per query, e.g. whole dilation groups of DiNAT at 224); elsewhere the
+    backward pass recomputes them chunk by chunk, so training memory stays below the reference's."""
 
     @staticmethod
     def forward(ctx, q, k, v, rpb, kernel_size: Pair, dilation: Pair, scale: float, tile):
@@ -357,13 +359,14 @@ class _NeighborhoodAttention(torch.autograd.Function):
                 k_halo = _to_halos(_group_view(k, rows, cols), plan_h, plan_w)
                 v_halo = _to_halos(_group_view(v, rows, cols), plan_h, plan_w)
                 bias = _tile_bias(rpb, heads, plan_h, plan_w, q.device, dtype)
-                keep = any(ctx.needs_input_grad[:4])
+                keep = any(ctx.needs_input_grad[:4]) and _keeps_probabilities(plan_h, plan_w)
                 probs, out_tiles = _attend(q_tiles, k_halo, v_halo, bias[None, :, None, None], keep)
                 _write_tiles(_group_view(out, rows, cols), out_tiles, plan_h, plan_w)
                 classes.append((rows, cols, plan_h, plan_w))
                 probs_per_class.append(probs)
         if any(ctx.needs_input_grad[:4]):
-            ctx.save_for_backward(q, k, v, out, *probs_per_class)
+            ctx.save_for_backward(q, k, v, out, rpb, *[p for p in probs_per_class if p is not None])
+            ctx.kept = [p is not None for p in probs_per_class]
             ctx.classes, ctx.scale, ctx.has_rpb = classes, scale, rpb is not None
             ctx.input_dtypes = input_dtypes
         return out
@@ -375,7 +378,8 @@ class _NeighborhoodAttention(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out):
-        q, k, v, out, *probs_per_class = ctx.saved_tensors
+        q, k, v, out, rpb, *kept_probs = ctx.saved_tensors
+        kept_probs = iter(kept_probs)
         batch, heads, height, width, dim = grad_out.shape
         # q, k, v gradients side by side in (B, H, W, 3, heads, D) memory: the layout of a fused qkv projection
         grads = grad_out.new_empty(batch, height, width, 3, heads, dim, dtype=q.dtype).permute(3, 0, 4, 1, 2, 5)
@@ -386,9 +390,12 @@ class _NeighborhoodAttention(torch.autograd.Function):
             k_halo = _to_halos(_group_view(k, rows, cols), plan_h, plan_w)
             v_halo = _to_halos(_group_view(v, rows, cols), plan_h, plan_w)
             out_tiles = _to_tiles(_group_view(out, rows, cols), plan_h, plan_w)
-            probs = probs_per_class[index]
+            if ctx.kept[index]:
+                probs, bias = next(kept_probs), None
+            else:
+                probs, bias = None, _tile_bias(rpb, heads, plan_h, plan_w, q.device, q.dtype)[None, :, None, None]
             dq, dk, dv, drpb = _attend_backward(_group_view(grad_out, rows, cols), q_tiles, k_halo, v_halo, probs,
-                                                out_tiles, plan_h, plan_w, ctx.scale,
+                                                bias, out_tiles, plan_h, plan_w, ctx.scale,
                                                 ctx.has_rpb and ctx.needs_input_grad[3])
             _write_tiles(_group_view(grad_q, rows, cols), dq, plan_h, plan_w)
             _group_view(grad_k, rows, cols).copy_(_from_halos(dk, _group_view(grad_k, rows, cols).shape, plan_h, plan_w))
@@ -400,15 +407,31 @@ class _NeighborhoodAttention(torch.autograd.Function):
                 None, None, None, None)
 
 
-def _attend_backward(grad_out, q_tiles, k_halo, v_halo, probs, out_tiles, plan_h, plan_w, scale, want_rpb):
-    """Gradients of one class, chunk by chunk: (dq tiles, dk halos, dv halos, d rpb or None)."""
+def _keeps_probabilities(plan_h: AxisPlan, plan_w: AxisPlan) -> bool:
+    """Keep a class's probabilities for backward when each query's halo has at most 2 K*K keys (the reference
+    keeps two K*K tensors per query: the softmax output and its dropout); recompute them otherwise."""
+    return plan_h.halo * plan_w.halo <= 2 * plan_h.kernel_size * plan_w.kernel_size
+
+
+def _attend_backward(grad_out, q_tiles, k_halo, v_halo, probs, bias, out_tiles, plan_h, plan_w, scale, want_rpb):
+    """Gradients of one class, chunk by chunk: (dq tiles, dk halos, dv halos, d rpb or None).
+
+    `probs` are the saved probabilities, or None: then they are recomputed per chunk from the tiles and `bias`.
+    """
     grad_tiles = _to_tiles(grad_out.to(out_tiles.dtype), plan_h, plan_w)
     grad_q, grad_k, grad_v = torch.empty_like(q_tiles), torch.empty_like(k_halo), torch.empty_like(v_halo)
-    softmax_dtype = _softmax_dtype(probs.dtype)
+    softmax_dtype = _softmax_dtype(q_tiles.dtype)
     # d(loss)/d(score) summed over batch and groups, per head and tile position: feeds the RPB gradient
-    score_grad_sum = probs.new_zeros(probs.shape[1:2] + probs.shape[4:], dtype=softmax_dtype) if want_rpb else None
+    heads = q_tiles.shape[1]
+    score_grad_sum = (q_tiles.new_zeros((heads,) + q_tiles.shape[4:-1] + k_halo.shape[-2:-1], dtype=softmax_dtype)
+                      if want_rpb else None)
     for index in _chunks(q_tiles, k_halo.shape[-2]):
-        p, d_out = probs[index], grad_tiles[index]
+        d_out = grad_tiles[index]
+        if probs is not None:
+            p = probs[index]
+        else:  # the forward pass's scores and softmax, again (same ops, same values)
+            p = torch.matmul(q_tiles[index], k_halo[index].transpose(-1, -2))
+            p = _softmax_(p.add_(bias if len(index) == 1 else bias[(slice(None),) + index[1:]]))
         grad_v[index] = torch.matmul(p.transpose(-1, -2), d_out)
         grad_p = torch.matmul(d_out, v_halo[index].transpose(-1, -2))
         # softmax backward: dS = P * (dP - sum_j P_j dP_j), and sum_j P_j dP_j = dO . O per query
