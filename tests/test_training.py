@@ -297,3 +297,36 @@ def test_compile_fullgraph_training_step_matches_eager(backend):
         expected = io[f"grad.{name}"]
         scale = expected.abs().max().clamp(min=1e-12)
         assert (param.grad - expected).abs().max() <= 1e-4 * scale + 1e-6, name
+
+
+# -------------------------------------------------------------------------------------------------
+# The image-folder example script
+# -------------------------------------------------------------------------------------------------
+def test_imagefolder_example_fine_tunes_and_saves(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 8), ("val", 4)):
+        for name in ("cats", "dogs"):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = (torch.rand(20 + i, 24, 3, generator=generator) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    small_model(num_labels=5).save_pretrained(tmp_path / "pretrained")
+    script = Path(__file__).parents[1] / "examples" / "train_imagefolder.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "data"), "--pretrained", str(tmp_path / "pretrained"),
+         "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--precision", "bfloat16",
+         "--grad-checkpointing", "--checkpoint-stages", "0", "--drop-path", "0.1",
+         "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "validation accuracy" in result.stdout
+    model = DinatForImageClassification.from_pretrained(tmp_path / "out")
+    assert model.config.id2label == {0: "cats", 1: "dogs"}
+    assert model.config.drop_path_rate == 0.1
+    assert (tmp_path / "out" / "preprocessor_config.json").exists()
