@@ -35,8 +35,9 @@ _DERIVED_KEYS = ("hidden_size", "num_layers", "stage_names")
 class DinatConfig(PreTrainedConfig):
     r"""Configuration of a DiNAT model, with the same fields and defaults as transformers' `DinatConfig`.
 
-    The defaults describe DiNAT-mini (`shi-labs/dinat-mini-in1k-224`). `DinatConfig.from_preset("tiny")` builds
-    the paper's other variants. Every layer of stage `i` has kernel `kernel_size` and dilation `dilations[i][j]`.
+    The defaults describe DiNAT-mini
+    ([shi-labs/dinat-mini-in1k-224](https://huggingface.co/shi-labs/dinat-mini-in1k-224)).
+    `DinatConfig.from_preset("tiny")` builds the paper's other variants. Every layer of stage `i` has kernel `kernel_size` and dilation `dilations[i][j]`.
     Backbone outputs are chosen with `out_features` (names from `stage_names`: "stem", "stage1", ...) or
     `out_indices`.
     """
@@ -68,6 +69,8 @@ class DinatConfig(PreTrainedConfig):
     ):
         for key in _DERIVED_KEYS:
             kwargs.pop(key, None)
+        if kwargs.pop("model_type", None) == "nat" and dilations is None:
+            dilations = [[1] * depth for depth in depths]  # a NAT checkpoint: DiNAT without dilation
         self.patch_size = patch_size
         self.num_channels = num_channels
         self.embed_dim = embed_dim
@@ -163,6 +166,19 @@ class DinatConfig(PreTrainedConfig):
         output["out_indices"] = output.pop("_out_indices", None)
         return output
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "DinatConfig":
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except ValueError as err:
+            raise ValueError(f"{pretrained_model_name_or_path}: invalid DiNAT config.json: {err}") from None
+
+    # -- NAT checkpoints ------------------------------------------------------------------------------
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return nat_to_dinat_dict(config_dict), kwargs
+
     # -- presets --------------------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DinatConfig":
@@ -172,6 +188,18 @@ class DinatConfig(PreTrainedConfig):
         fields = copy.deepcopy(PRESETS[name])
         fields.update(overrides)
         return cls(**fields)
+
+
+def nat_to_dinat_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """A NAT config (transformers' `model_type` "nat": the same blocks without dilation) as a DiNAT config dict."""
+    if config_dict.get("model_type") != "nat":
+        return config_dict
+    config_dict = dict(config_dict, model_type="dinat")
+    config_dict.setdefault("dilations", [[1] * depth for depth in config_dict.get("depths", (3, 4, 6, 5))])
+    if config_dict.get("architectures"):
+        config_dict["architectures"] = [name.replace("Nat", "Dinat", 1) if name.startswith("Nat") else name
+                                        for name in config_dict["architectures"]]
+    return config_dict
 
 
 def _align_out_features(stage_names: list[str], out_features, out_indices) -> tuple[list[str], list[int]]:

@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput
 
 from . import ops
 from .configuration_dinat import DinatConfig
+from .loading import checked_from_pretrained
 
 
 # -------------------------------------------------------------------------------------------------
@@ -346,6 +347,9 @@ def check_pixel_values(pixel_values: torch.Tensor, num_channels: int) -> None:
         raise ValueError(f"pixel_values has an empty image: shape {tuple(pixel_values.shape)}")
 
 
+NAT_KEY_MAPPING = {r"^nat\.": "dinat."}  # transformers' NAT keeps the trunk under `nat.`, DiNAT under `dinat.`
+
+
 class DinatPreTrainedModel(PreTrainedModel):
     config_class = DinatConfig
     config: DinatConfig
@@ -354,6 +358,27 @@ class DinatPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["DinatLayer"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' from_pretrained (folders, hub ids, cache, revision, offline), with clear errors for
+        corrupt files, unsafe pickles, missing/unexpected keys and shape mismatches (see dinat.loading), for
+        checkpoints that cannot be found (see dinat.hub), and NAT checkpoints (trunk under `nat.`) loaded as DiNAT.
+        Extra keyword: `strict=False` downgrades missing/unexpected keys to transformers' warnings."""
+        from .hub import clear_loading_errors
+
+        # DiNAT checkpoints have no `nat.` keys, so this renaming only ever touches NAT checkpoints
+        kwargs["key_mapping"] = {**NAT_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
+        with clear_loading_errors(pretrained_model_name_or_path, "model"):
+            loaded = checked_from_pretrained(super().from_pretrained, pretrained_model_name_or_path, model_args,
+                                             kwargs)
+        # transformers re-applies the renamings it used when saving; a loaded NAT checkpoint saves as DiNAT
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            model._weight_conversions = [c for c in conversions
+                                         if list(getattr(c, "source_patterns", ())) != list(NAT_KEY_MAPPING)]
+        return loaded
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

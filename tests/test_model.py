@@ -1,0 +1,156 @@
+"""Model behaviour beyond the golden fixtures: outputs, losses, backbone selection, sizes, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinat import DinatBackbone, DinatConfig, DinatForImageClassification, DinatModel
+
+
+def tiny_config(**overrides):
+    fields = dict(embed_dim=16, depths=[1, 2, 1], num_heads=[1, 2, 4], kernel_size=3, dilations=[[2], [1, 2], [1]],
+                  num_labels=5, drop_path_rate=0.0)
+    fields.update(overrides)
+    return DinatConfig(**fields)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return DinatForImageClassification(tiny_config()).eval()
+
+
+def test_output_shapes_and_tuple_form(model):
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        out = model(x, output_hidden_states=True, output_attentions=True)
+        tup = model(x, output_hidden_states=True, output_attentions=True, return_dict=False)
+    assert out.logits.shape == (2, 5)
+    assert [tuple(h.shape) for h in out.hidden_states] == [(2, 16, 12, 16), (2, 8, 6, 32), (2, 4, 3, 64), (2, 4, 3, 64)]
+    assert [tuple(h.shape) for h in out.reshaped_hidden_states] == [(2, 16, 16, 12), (2, 32, 8, 6), (2, 64, 4, 3),
+                                                                    (2, 64, 4, 3)]
+    # attentions are each stage's last layer; weights over each window sum to one
+    assert [tuple(a.shape) for a in out.attentions] == [(2, 1, 16, 12, 9), (2, 2, 8, 6, 9), (2, 4, 4, 3, 9)]
+    assert len(tup) == 4
+    torch.testing.assert_close(tup[0], out.logits)
+    for a, b in zip(tup[1], out.hidden_states):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, 1, 16, 12))
+
+
+def test_pooler_is_mean_of_last_hidden_state(model):
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        out = model.dinat(x)
+        logits = model(x).logits
+    torch.testing.assert_close(out.pooler_output, out.last_hidden_state.mean(dim=(1, 2)))
+    torch.testing.assert_close(model.forward_head(model.forward_features(x)), logits)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (33, 47), (100, 20), (7, 9), (224, 160)])
+def test_any_input_size(model, size):
+    with torch.no_grad():
+        out = model.dinat(torch.randn(1, 3, *size), output_hidden_states=True)
+    h, w = size
+    for _ in range(2):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    assert out.hidden_states[0].shape[1:3] == (h, w)
+    assert torch.isfinite(out.last_hidden_state).all()
+
+
+def test_losses_by_problem_type():
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 32, 32)
+    single = DinatForImageClassification(tiny_config()).eval()
+    labels = torch.tensor([0, 4, 2])
+    out = single(x, labels=labels)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
+
+    multi = DinatForImageClassification(tiny_config(problem_type="multi_label_classification")).eval()
+    targets = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1]], dtype=torch.float)
+    out = multi(x, labels=targets)
+    torch.testing.assert_close(out.loss, F.binary_cross_entropy_with_logits(out.logits, targets))
+
+    regression = DinatForImageClassification(tiny_config(num_labels=1)).eval()
+    values = torch.tensor([0.5, -1.0, 2.0])
+    out = regression(x, labels=values)
+    torch.testing.assert_close(out.loss, F.mse_loss(out.logits.squeeze(), values))
+    assert regression(x, labels=values, return_dict=False)[0].shape == ()
+
+    with pytest.raises(ValueError, match=r"class indices in \[0, 5\)"):
+        single(x, labels=torch.tensor([0, 5, 1]))
+
+
+def test_backbone_out_features_and_indices():
+    torch.manual_seed(0)
+    config = tiny_config(out_features=["stem", "stage2"])
+    assert config.out_indices == [0, 2]
+    backbone = DinatBackbone(config).eval()
+    assert backbone.channels == [16, 32]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = backbone(x).feature_maps
+        hidden = backbone(x, output_hidden_states=True).hidden_states
+    assert [tuple(m.shape) for m in maps] == [(2, 16, 16, 16), (2, 32, 8, 8)]
+    # feature maps are the stage outputs before downsampling, layer-normed over channels
+    norm = backbone.hidden_states_norms["stage2"]
+    torch.testing.assert_close(maps[1], norm(hidden[2]).permute(0, 3, 1, 2))
+    by_index = DinatConfig(**{**tiny_config().to_dict(), "out_features": None, "out_indices": [-1]})
+    assert by_index.out_features == ["stage3"]
+
+
+def test_model_without_pooler():
+    model = DinatModel(tiny_config(), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 32, 32))
+    assert out.pooler_output is None
+
+
+def test_drop_path_is_stochastic_in_training_only():
+    torch.manual_seed(0)
+    model = DinatForImageClassification(tiny_config(drop_path_rate=0.5))
+    x = torch.randn(4, 3, 32, 32)
+    rates = [layer.drop_path.drop_prob for stage in model.dinat.encoder.levels for layer in stage.layers]
+    assert rates == pytest.approx([0.0, 1 / 6, 2 / 6, 0.5])  # linear over all layers
+    model.train()
+    assert not torch.allclose(model(x).logits, model(x).logits)
+    model.eval()
+    torch.testing.assert_close(model(x).logits, model(x).logits)
+
+
+def test_bfloat16_model_runs():
+    torch.manual_seed(0)
+    model = DinatForImageClassification(tiny_config()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x).logits
+        out = model.to(torch.bfloat16)(x).logits
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: torch.randn(3, 32, 32), "must be 4-D"),
+    (lambda: torch.randn(1, 1, 32, 32), "has 1 channels but the model expects 3"),
+    (lambda: torch.randint(0, 255, (1, 3, 32, 32)), "floating-point"),
+    (lambda: torch.randn(0, 3, 32, 32), "empty batch"),
+    (lambda: [[0.0]], "must be a torch.Tensor"),
+])
+def test_bad_input_is_a_clear_error(model, make, message):
+    with pytest.raises(ValueError, match=message):
+        model(make())
+    with pytest.raises(ValueError, match=message):
+        DinatBackbone(tiny_config())(make())
+
+
+def test_reset_classifier_keeps_the_trunk(model):
+    import copy
+
+    m = copy.deepcopy(model)
+    trunk = {k: v.clone() for k, v in m.dinat.state_dict().items()}
+    m.reset_classifier(3, id2label={0: "a", 1: "b", 2: "c"})
+    assert m.classifier.weight.shape == (3, 64) and m.config.num_labels == 3
+    assert m.config.id2label == {0: "a", 1: "b", 2: "c"}
+    assert all(torch.equal(v, m.dinat.state_dict()[k]) for k, v in trunk.items())
+    with torch.no_grad():
+        assert m(torch.randn(1, 3, 32, 32)).logits.shape == (1, 3)
