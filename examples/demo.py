@@ -12,7 +12,6 @@ The last line is `accuracy: 0.xxx`, the reloaded model's held-out accuracy.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import subprocess
@@ -28,11 +27,10 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-import dinat
-from dinat import DinatConfig, DinatForImageClassification
+from dinat import DinatConfig, DinatForImageClassification, DinatImageProcessor
 from dinat.training import autocast, parameter_groups
 
-# Preprocessing, written to preprocessor_config.json so that `dinat predict` does exactly what training did:
+# Preprocessing, saved as the model's image processor so that `dinat predict` does exactly what training did:
 # convert to RGB, PIL-resize to SIZE x SIZE, scale to [0, 1], normalize with MEAN / STD.
 SIZE = 32
 RESAMPLE = Image.BILINEAR  # PIL code 2, the value saved in the config
@@ -67,11 +65,9 @@ def preprocess(images: list[Image.Image]) -> torch.Tensor:
     return (pixels - mean) / std
 
 
-def preprocessor_config() -> dict:
-    """transformers' ViTImageProcessor format (what the hub DiNAT checkpoints carry)."""
-    return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": SIZE, "width": SIZE},
-            "resample": int(RESAMPLE), "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": MEAN, "image_std": STD}
+def image_processor() -> DinatImageProcessor:
+    return DinatImageProcessor(size={"height": SIZE, "width": SIZE}, resample=RESAMPLE, image_mean=MEAN,
+                               image_std=STD)
 
 
 def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -131,28 +127,19 @@ def save(model, output_dir: Path) -> None:
     partial = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
-    (partial / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(), indent=2) + "\n")
-    processor_class = getattr(dinat, "DinatImageProcessor", None)
-    if processor_class is not None:  # re-save in the library's own processor format
-        processor_class.from_pretrained(partial).save_pretrained(partial)
-    else:
-        print("note: dinat.DinatImageProcessor is not available in this version; "
-              "saved a ViTImageProcessor-format preprocessor_config.json")
+    image_processor().save_pretrained(partial)
     shutil.rmtree(output_dir, ignore_errors=True)
     partial.rename(output_dir)
 
 
 def check_processor(output_dir: Path, images: list[Image.Image], expected: torch.Tensor) -> None:
     """The saved processor must reproduce the training preprocessing, or `dinat predict` would see other inputs."""
-    processor_class = getattr(dinat, "DinatImageProcessor", None)
-    if processor_class is None:
-        return
-    processor = processor_class.from_pretrained(output_dir)
-    got = processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+    processor = DinatImageProcessor.from_pretrained(output_dir)
+    got = processor(images, return_tensors="pt")["pixel_values"]
     difference = (got - expected).abs().max().item()
-    print(f"saved image processor vs training preprocessing: max difference {difference:.2e}")
-    if difference > 1e-3:
-        print("warning: the saved image processor does not match the training preprocessing")
+    print(f"saved image processor vs training preprocessing: max difference {difference:.1e}")
+    if difference > 1e-4:
+        raise SystemExit("the saved image processor does not reproduce the training preprocessing")
 
 
 def predict_with_cli(output_dir: Path, images: list[Image.Image], labels: list[int]) -> None:
@@ -166,13 +153,9 @@ def predict_with_cli(output_dir: Path, images: list[Image.Image], labels: list[i
         paths.append(str(path))
     script = Path(sys.executable).with_name("dinat")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "dinat.cli"]
-    help_text = subprocess.run(command + ["--help"], capture_output=True, text=True).stdout
-    if "predict" not in help_text:
-        print("note: this version of dinat has no `predict` command; skipping the command-line check")
-        return
-    command += ["predict", str(output_dir), *paths]
-    print("$ dinat predict", output_dir, " ".join(Path(p).name for p in paths))
-    result = subprocess.run(command, capture_output=True, text=True)
+    print(f"$ dinat predict {' '.join(Path(p).name for p in paths)} --model {output_dir} --top-k 1")
+    result = subprocess.run(command + ["predict", *paths, "--model", str(output_dir), "--top-k", "1"],
+                            capture_output=True, text=True)
     print(result.stdout.rstrip())
     if result.returncode != 0:
         print(result.stderr.rstrip())

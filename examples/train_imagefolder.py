@@ -15,13 +15,12 @@ the local cache) with a new head, or from scratch with a preset:
 Features: AdamW without weight decay on norms/biases/rpb, warm-up + cosine schedule, autocast (bfloat16 on CPU or
 GPU, float16 on GPU with loss scaling), gradient checkpointing (all stages or `--checkpoint-stages 0 1`), drop path
 and dropout from the config, a progress bar, and the best epoch saved with save_pretrained (model +
-preprocessor_config.json) so that `dinat predict OUTPUT_DIR image.jpg` and from_pretrained load it.
+preprocessor_config.json) so that `dinat predict image.jpg --model OUTPUT_DIR` and from_pretrained load it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
@@ -33,7 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dinat import DinatConfig, DinatForImageClassification
+from dinat import DinatConfig, DinatForImageClassification, DinatImageProcessor
 from dinat.training import autocast, grad_scaler, parameter_groups
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -78,11 +77,10 @@ def random_crop(image: Image.Image, area_fraction: float) -> Image.Image:
     return image.crop((left, top, left + crop_w, top + crop_h))
 
 
-def preprocessor_config(image_size: int, mean, std) -> dict:
-    """ViTImageProcessor settings matching the evaluation preprocessing above (bicubic resize, normalize)."""
-    return {"image_processor_type": "ViTImageProcessor", "do_resize": True,
-            "size": {"height": image_size, "width": image_size}, "resample": int(Image.BICUBIC),
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean, "image_std": std}
+def image_processor(image_size: int, mean, std) -> DinatImageProcessor:
+    """The evaluation preprocessing above (bicubic resize, normalize), saved with the model for `dinat predict`."""
+    return DinatImageProcessor(size={"height": image_size, "width": image_size}, resample=Image.BICUBIC,
+                               image_mean=mean, image_std=std)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -109,12 +107,14 @@ def build_model(args, classes: list[str]) -> DinatForImageClassification:
 def processor_settings(args) -> tuple[int, list[float], list[float]]:
     """Image size and normalization: the pretrained checkpoint's own, unless given on the command line."""
     size, mean, std = 224, IMAGENET_MEAN, IMAGENET_STD
-    config_path = Path(args.pretrained or "", "preprocessor_config.json")
-    if args.pretrained and config_path.is_file():
-        saved = json.loads(config_path.read_text())
-        size = saved.get("size", size)
-        size = size.get("height", 224) if isinstance(size, dict) else int(size)
-        mean, std = saved.get("image_mean", mean), saved.get("image_std", std)
+    if args.pretrained:
+        try:
+            processor = DinatImageProcessor.from_pretrained(args.pretrained)
+        except OSError:  # a checkpoint without preprocessor_config.json: ImageNet defaults
+            processor = None
+        if processor is not None:
+            size = processor.size.get("height", processor.size.get("shortest_edge", size))
+            mean, std = list(processor.image_mean), list(processor.image_std)
     return args.image_size or size, mean, std
 
 
@@ -199,16 +199,16 @@ def main() -> None:
         print(f"epoch {epoch}: validation accuracy {accuracy:.3f}")
         if accuracy > best:
             best = accuracy
-            save(model, args.output_dir, preprocessor_config(image_size, mean, std))
+            save(model, args.output_dir, image_processor(image_size, mean, std))
     print(f"best validation accuracy {best:.3f}; model in {args.output_dir}")
 
 
-def save(model, output_dir: Path, processor: dict) -> None:
+def save(model, output_dir: Path, processor: DinatImageProcessor) -> None:
     """Write beside the target, then swap it in: an interrupted save never leaves a broken model."""
     staging = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
-    (staging / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    processor.save_pretrained(staging)
     shutil.rmtree(output_dir, ignore_errors=True)
     staging.rename(output_dir)
 

@@ -199,11 +199,11 @@ def convert_state_dict(original: dict[str, torch.Tensor]) -> tuple[dict[str, tor
 # -------------------------------------------------------------------------------------------------
 # Writing
 # -------------------------------------------------------------------------------------------------
-def preprocessor_config(image_size: int) -> dict[str, Any]:
-    """ViTImageProcessor settings (the format of the hub DiNAT checkpoints) for ImageNet-trained weights."""
-    return {"image_processor_type": "ViTImageProcessor", "do_resize": True,
-            "size": {"height": image_size, "width": image_size}, "resample": 3, "do_rescale": True,
-            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD}
+def image_processor(image_size: int):
+    """What the hub DiNAT checkpoints carry: bicubic resize to the training size, ImageNet normalization."""
+    from .image_processing_dinat import DinatImageProcessor
+
+    return DinatImageProcessor(size=image_size, resample=3, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
 
 
 def convert_checkpoint(checkpoint: str | Path, output_dir: str | Path, variant: str | None = None,
@@ -261,18 +261,18 @@ def convert_checkpoint(checkpoint: str | Path, output_dir: str | Path, variant: 
         steps.set_postfix_str("writing")
         if image_size is None:
             image_size = 384 if variant is not None and PRESETS[variant]["dilations"] == _DILATIONS_384 else 224
-        _write_atomically(output_dir, model, preprocessor_config(image_size), overwrite)
+        _write_atomically(output_dir, model, image_processor(image_size), overwrite)
         steps.update()
     return config
 
 
-def _write_atomically(output_dir: Path, model, processor: dict[str, Any], overwrite: bool) -> None:
+def _write_atomically(output_dir: Path, model, processor, overwrite: bool) -> None:
     """Write into a temporary folder beside output_dir, then rename it into place."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         model.save_pretrained(staging)
-        (staging / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+        processor.save_pretrained(staging)
         if output_dir.exists():
             if not overwrite and (not output_dir.is_dir() or any(output_dir.iterdir())):
                 raise ConversionError(f"{output_dir} appeared while converting; nothing replaced")
