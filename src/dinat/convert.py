@@ -260,7 +260,7 @@ def convert_checkpoint(checkpoint: str | Path, output_dir: str | Path, variant: 
 
         steps.set_postfix_str("writing")
         if image_size is None:
-            image_size = 384 if variant is not None and PRESETS[variant]["dilations"] == _DILATIONS_384 else 224
+            image_size = 384 if variant is not None and variant.endswith("384") else 224  # the variant's training size
         _write_atomically(output_dir, model, image_processor(image_size), overwrite)
         steps.update()
     return config
