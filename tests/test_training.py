@@ -274,11 +274,17 @@ def test_trainer_runs_steps_with_checkpointing_and_saves(tmp_path):
 # -------------------------------------------------------------------------------------------------
 # torch.compile
 # -------------------------------------------------------------------------------------------------
-def test_compile_fullgraph_matches_eager_and_reference():
+# aot_eager traces exactly what inductor compiles (one full graph, functionalized, with autograd) without
+# generating C++ (a minute per test on 2 cores when the inductor cache is cold); inductor itself runs as slow
+COMPILE_BACKENDS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_compile_fullgraph_matches_eager_and_reference(backend):
     torch._dynamo.reset()
     model = DinatForImageClassification.from_pretrained(CASES / "tiny_pad" / "model").eval()
     io = load_file(CASES / "tiny_pad" / "io.safetensors")
-    compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break is an error
+    compiled = torch.compile(model, fullgraph=True, backend=backend)  # fullgraph: any graph break is an error
     with torch.no_grad():
         got = compiled(io["pixel_values"]).logits
         expected = model(io["pixel_values"]).logits
@@ -286,7 +292,7 @@ def test_compile_fullgraph_matches_eager_and_reference():
     torch.testing.assert_close(got, io["logits"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 def test_compile_fullgraph_training_step_matches_eager(backend):
     torch._dynamo.reset()
     model = DinatForImageClassification.from_pretrained(CASES / "odd_shapes" / "model").train()
