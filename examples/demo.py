@@ -46,6 +46,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
                         help="bfloat16 autocast helps on CPUs with native bf16 matmuls (AMX)")
     parser.add_argument("--seed", type=int, default=0)
+    # one thread: this model's ops are too small to gain from a second one, and when another program busies a
+    # core, two threads stall each other at every op (measured: 3x to 50x slower on a shared 2-core machine)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     parser.add_argument("--num-predict", type=int, default=5, help="held-out images to classify with dinat predict")
     return parser.parse_args()
 
@@ -165,6 +168,7 @@ def predict_with_cli(output_dir: Path, images: list[Image.Image], labels: list[i
 
 def main() -> None:
     args = parse_args()
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     images, targets = digit_images()
