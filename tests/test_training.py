@@ -86,6 +86,10 @@ def test_per_stage_checkpointing_and_every_n_layers():
     gradients(model, pixels, labels)
     assert calls == {"dinat.encoder.levels.0.layers.0": 2, "dinat.encoder.levels.0.layers.1": 1,
                      "dinat.encoder.levels.1.layers.0": 2, "dinat.encoder.levels.2.layers.0": 1}
+    model.set_grad_checkpointing(True, stages=[0])  # the per-stage switch takes every layer of the stage again
+    calls.update({name: 0 for name in calls})
+    gradients(model, pixels, labels)
+    assert calls["dinat.encoder.levels.0.layers.1"] == 2 and calls["dinat.encoder.levels.2.layers.0"] == 1
     with pytest.raises(ValueError, match="stages \\[3\\] out of range"):
         model.set_grad_checkpointing(True, stages=[3])
 

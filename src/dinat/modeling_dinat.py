@@ -408,7 +408,7 @@ class DinatPreTrainedModel(PreTrainedModel):
             layer_index += len(stage.layers)
 
     def set_grad_checkpointing(self, enable: bool = True, stages: list[int] | None = None) -> None:
-        """timm-style switch; `stages` limits it to some stage indices (default: all)."""
+        """timm-style switch; `stages` limits it to some stage indices (default: all), every layer of each."""
         all_stages = self._stages()
         if stages is not None:
             bad = [i for i in stages if not isinstance(i, int) or not 0 <= i < len(all_stages)]
@@ -417,6 +417,7 @@ class DinatPreTrainedModel(PreTrainedModel):
         for i, stage in enumerate(all_stages):
             if stages is None or i in stages:
                 stage.gradient_checkpointing = enable
+                stage._checkpointed_layers = [True] * len(stage.layers)
 
     def _stages(self) -> list[DinatStage]:
         return [m for m in self.modules() if isinstance(m, DinatStage)]
