@@ -204,3 +204,14 @@ def test_not_a_checkpoint(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
     assert cli_main(["convert", str(tmp_path / "absent.pth"), str(tmp_path / "out")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_training_checkpoint_with_options_and_ddp_prefix(tmp_path):
+    import argparse
+
+    source = randomized(DinatConfig(**TINY), seed=5)
+    state = {f"module.{key}": value for key, value in to_original_layout(source).items()}
+    checkpoint = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": state, "args": argparse.Namespace(lr=1e-3, model="custom"), "epoch": 9}, checkpoint)
+    convert_module.convert_checkpoint(checkpoint, tmp_path / "out", config=DinatConfig(**TINY), progress=False)
+    assert_reproduces(source, tmp_path / "out", (32, 32))
