@@ -158,7 +158,7 @@ def predict_with_cli(output_dir: Path, images: list[Image.Image], labels: list[i
     command = [str(script)] if script.exists() else [sys.executable, "-m", "dinat.cli"]
     print(f"$ dinat predict {' '.join(Path(p).name for p in paths)} --model {output_dir} --top-k 1")
     result = subprocess.run(command + ["predict", *paths, "--model", str(output_dir), "--top-k", "1"],
-                            capture_output=True, text=True)
+                            check=False, capture_output=True, text=True)
     print(result.stdout.rstrip())
     if result.returncode != 0:
         print(result.stderr.rstrip())

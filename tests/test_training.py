@@ -333,7 +333,7 @@ def test_imagefolder_example_fine_tunes_and_saves(tmp_path):
          "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--precision", "bfloat16",
          "--grad-checkpointing", "--checkpoint-stages", "0", "--drop-path", "0.1",
          "--output-dir", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300)
+        check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "validation accuracy" in result.stdout
     model = DinatForImageClassification.from_pretrained(tmp_path / "out")

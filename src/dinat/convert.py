@@ -65,7 +65,7 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         # training checkpoints may carry their argparse options; allow that one class, nothing else
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint we can read safely"
+    except Exception as err:  # any unpickling failure means "not a checkpoint we can read safely"
         raise ConversionError(f"cannot read {path} as a PyTorch checkpoint: {str(err).splitlines()[0]}") from err
     if isinstance(checkpoint, dict):
         for key in ("model", "state_dict"):
@@ -326,5 +326,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["convert_checkpoint", "convert_state_dict", "infer_config", "load_original_state_dict",
-           "ConversionError"]
+__all__ = ["ConversionError", "convert_checkpoint", "convert_state_dict", "infer_config", "load_original_state_dict"]

@@ -8,7 +8,7 @@ The model itself carries the rest: drop path (linear over all layers, `config.dr
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
