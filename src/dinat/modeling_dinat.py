@@ -8,6 +8,7 @@ Feature maps are channels-last, (batch, height, width, channels), between module
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -270,14 +271,19 @@ class DinatStage(nn.Module):
             DinatLayer(config, dim, num_heads, dilations[i], drop_path_rate[i]) for i in range(depth))
         self.downsample = DinatDownsampler(dim) if downsample else None
         self.gradient_checkpointing = False
+        # set by transformers' activation_checkpointing_enable (Trainer): its checkpoint function (which carries
+        # gradient_checkpointing_kwargs) and, for every_n_layers, which of this stage's layers to checkpoint
+        self._gradient_checkpointing_func = None
+        self._checkpointed_layers = [True] * depth
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
         """Returns (output, output before downsampling, weights of the last layer or None)."""
         weights = None
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden_states, weights = torch.utils.checkpoint.checkpoint(
-                    layer, hidden_states, output_attentions, use_reentrant=False)
+        for layer, checkpointed in zip(self.layers, self._checkpointed_layers):
+            if self.gradient_checkpointing and checkpointed and self.training and torch.is_grad_enabled():
+                checkpoint = self._gradient_checkpointing_func or functools.partial(
+                    torch.utils.checkpoint.checkpoint, use_reentrant=False)
+                hidden_states, weights = checkpoint(layer, hidden_states, output_attentions)
             else:
                 hidden_states, weights = layer(hidden_states, output_attentions)
         before_downsampling = hidden_states
@@ -398,26 +404,30 @@ class DinatPreTrainedModel(PreTrainedModel):
         elif isinstance(module, DinatLayer) and module.layer_scale_parameters is not None:
             init.constant_(module.layer_scale_parameters, self.config.layer_scale_init_value)
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
-        for module in self.modules():
-            if isinstance(module, DinatStage):
-                module.gradient_checkpointing = enable
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
-        self._set_gradient_checkpointing(True)
-
-    def gradient_checkpointing_disable(self) -> None:
-        self._set_gradient_checkpointing(False)
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+                                    every_n_layers: int = 1) -> None:
+        """The hook behind transformers' `gradient_checkpointing_enable/disable` (and Trainer's
+        `gradient_checkpointing=True`): checkpoint every `every_n_layers`-th layer, counted over all stages."""
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
+        layer_index = 0
+        for stage in self._stages():
+            stage.gradient_checkpointing = enable
+            stage._gradient_checkpointing_func = gradient_checkpointing_func
+            stage._checkpointed_layers = [(layer_index + j) % every_n_layers == 0 for j in range(len(stage.layers))]
+            layer_index += len(stage.layers)
 
     def set_grad_checkpointing(self, enable: bool = True, stages: list[int] | None = None) -> None:
-        """timm-style switch; `stages` limits it to some stage indices (default: all)."""
-        for i, stage in enumerate(self._stages()):
+        """timm-style switch; `stages` limits it to some stage indices (default: all), every layer of each."""
+        all_stages = self._stages()
+        if stages is not None:
+            bad = [i for i in stages if not isinstance(i, int) or not 0 <= i < len(all_stages)]
+            if bad:
+                raise ValueError(f"stages {bad} out of range: the model has stages 0 .. {len(all_stages) - 1}")
+        for i, stage in enumerate(all_stages):
             if stages is None or i in stages:
                 stage.gradient_checkpointing = enable
+                stage._checkpointed_layers = [True] * len(stage.layers)
 
     def _stages(self) -> list[DinatStage]:
         return [m for m in self.modules() if isinstance(m, DinatStage)]
@@ -545,7 +555,9 @@ class DinatForImageClassification(DinatPreTrainedModel):
             if labels.is_floating_point():
                 raise ValueError("single-label classification needs integer class labels, got "
                                  f"{labels.dtype}")
-            if labels.numel() and (labels.min() < -100 or labels.max() >= self.num_labels):
+            # a data-dependent check: skipped under torch.compile, where it would break the graph
+            if not torch.compiler.is_compiling() and labels.numel() and (
+                    labels.min() < -100 or labels.max() >= self.num_labels):
                 raise ValueError(f"labels must be class indices in [0, {self.num_labels}), got values from "
                                  f"{labels.min().item()} to {labels.max().item()}")
             return F.cross_entropy(logits.view(-1, self.num_labels), labels)
