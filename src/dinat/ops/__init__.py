@@ -54,9 +54,12 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPa
     backend that cannot run the call raises a ValueError saying why.
     """
     kernel_size, dilation = _check(q, kernel_size, dilation, rpb, (("key", k), ("value", v)))
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, rpb))
-    name = dispatch.choose(backend, q, rpb is not None, needs_grad, kernel_size, dilation)
+    if torch.compiler.is_compiling():
+        # traced (torch.compile / export): no context variable or logging; the config's choice or torch
+        name = "torch" if backend in (None, "auto") else dispatch.validate_backend_name(backend)
+    else:
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))
+        name = dispatch.choose(backend, q, rpb is not None, needs_grad, kernel_size, dilation)
     if name == "flex":
         from . import flex_backend
         return flex_backend.na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale)

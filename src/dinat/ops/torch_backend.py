@@ -170,7 +170,7 @@ def _bias_index(plan_h: AxisPlan, plan_w: AxisPlan, device) -> torch.Tensor:
     """(nTh, nTw, Th*Tw, Hh*Hw) long: flat RPB index of each (query, halo key), or R = (2Kh-1)(2Kw-1)
     (a slot holding -inf) where the key is outside the query's window."""
     key = (plan_h, plan_w, str(device))
-    index = _BIAS_INDEX_CACHE.get(key)
+    index = None if torch.compiler.is_compiling() else _BIAS_INDEX_CACHE.get(key)
     if index is None:
         allowed_h, rel_h = _axis_masks(plan_h)
         allowed_w, rel_w = _axis_masks(plan_w)
@@ -181,6 +181,8 @@ def _bias_index(plan_h: AxisPlan, plan_w: AxisPlan, device) -> torch.Tensor:
         allowed = allowed_h[:, None, :, None, :, None] & allowed_w[None, :, None, :, None, :]
         flat = torch.where(allowed, flat, torch.full_like(flat, n_rel))
         index = flat.reshape(plan_h.n_tiles, plan_w.n_tiles, plan_h.tile * plan_w.tile, -1).to(device)
+        if torch.compiler.is_compiling():
+            return index
         if len(_BIAS_INDEX_CACHE) > 64:
             _BIAS_INDEX_CACHE.clear()
         _BIAS_INDEX_CACHE[key] = index
@@ -188,16 +190,16 @@ def _bias_index(plan_h: AxisPlan, plan_w: AxisPlan, device) -> torch.Tensor:
 
 
 def _tile_bias(rpb: torch.Tensor | None, heads: int, plan_h: AxisPlan, plan_w: AxisPlan, device,
-               dtype: torch.dtype) -> torch.Tensor:
+               dtype: torch.dtype, detach: bool = True) -> torch.Tensor:
     """(heads or 1, nTh, nTw, Th*Tw, Hh*Hw): the RPB inside each window, -inf outside."""
     index = _bias_index(plan_h, plan_w, device)
     n_rel = (2 * plan_h.kernel_size - 1) * (2 * plan_w.kernel_size - 1)
+    outside = torch.full((heads if rpb is not None else 1, 1), float("-inf"), device=device, dtype=dtype)
     if rpb is None:
-        table = torch.zeros(1, n_rel + 1, device=device, dtype=dtype)
+        table = torch.cat([torch.zeros(1, n_rel, device=device, dtype=dtype), outside], dim=1)
     else:
-        table = rpb.detach().reshape(heads, n_rel).to(dtype)
-        table = torch.cat([table, table.new_zeros(heads, 1)], dim=1)
-    table[:, n_rel] = float("-inf")
+        table = (rpb.detach() if detach else rpb).reshape(heads, n_rel).to(dtype)
+        table = torch.cat([table, outside], dim=1)
     return table[:, index]
 
 
@@ -212,6 +214,9 @@ def _to_tiles(x: torch.Tensor, plan_h: AxisPlan, plan_w: AxisPlan, scale: float 
     *lead, _, _, dim = x.shape
     x = x.unflatten(-3, (plan_h.n_tiles, plan_h.tile)).unflatten(-2, (plan_w.n_tiles, plan_w.tile))
     x = x.transpose(-4, -3)  # (..., nTh, nTw, Th, Tw, D)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):  # traced: no out=
+        x = x if scale is None else x * scale
+        return x.reshape(*lead, plan_h.n_tiles, plan_w.n_tiles, plan_h.tile * plan_w.tile, dim)
     out = torch.empty(*lead, plan_h.n_tiles, plan_w.n_tiles, plan_h.tile, plan_w.tile, dim,
                       dtype=x.dtype, device=x.device)
     if scale is None:
@@ -345,7 +350,7 @@ class _NeighborhoodAttention(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, q, k, v, rpb, kernel_size: Pair, dilation: Pair, scale: float, tile):
         batch, heads, height, width, dim = q.shape
-        dtype = torch.result_type(q, v)
+        dtype = q.dtype if q.dtype == v.dtype else torch.promote_types(q.dtype, v.dtype)
         input_dtypes = (q.dtype, k.dtype, v.dtype)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         out = q.new_empty(batch, height, width, heads, dim).permute(0, 3, 1, 2, 4)
@@ -477,6 +482,117 @@ def _group_view(x: torch.Tensor, rows, cols) -> torch.Tensor:
     return x.permute(0, 1, 5, 6, 2, 3, 4)
 
 
+# -- traced path (torch.compile / torch.export) -----------------------------------------------------
+
+def _traced_dilation_groups(length: int, dilation: int, device) -> list[torch.Tensor]:
+    """Positions of the dilation groups along one axis, as (group_length, n_groups) index tensors.
+
+    Groups of equal length are batched together; when `length % dilation != 0` there are two lengths.
+    """
+    longer = length % dilation  # groups 0 .. longer-1 have one more position
+    classes = []
+    if longer:
+        n = (length + dilation - 1) // dilation
+        classes.append(torch.arange(n, device=device)[:, None] * dilation + torch.arange(longer, device=device))
+    n = length // dilation
+    classes.append(torch.arange(n, device=device)[:, None] * dilation + torch.arange(longer, dilation, device=device))
+    return classes
+
+
+def _traced_axis_tiling(length: int, kernel_size: int, tile: int, device):
+    """Tiles of `tile` queries along one (undilated) axis and the halo of keys they need.
+
+    Returns `(halo, allowed, rel)`: halo (n_tiles, halo_len) key positions; allowed and rel are
+    (n_tiles, tile, halo_len): whether a halo key is in the query's window, and its RPB index.
+    Queries past the end (padding of the last tile) get the window of the last query.
+    """
+    n_tiles = -(-length // tile)
+    halo_len = min(tile + kernel_size - 1, length)
+    half = kernel_size // 2
+    query = (torch.arange(n_tiles, device=device)[:, None] * tile + torch.arange(tile, device=device))
+    query = query.clamp(max=length - 1)
+    start = (query - half).clamp(min=0, max=length - kernel_size)  # window start per query
+    halo_start = start[:, 0].clamp(max=length - halo_len)
+    halo = halo_start[:, None] + torch.arange(halo_len, device=device)
+    offset = halo[:, None, :] - start[:, :, None]  # key position inside the query's window
+    allowed = (offset >= 0) & (offset < kernel_size)
+    rel = (halo[:, None, :] - query[:, :, None] + kernel_size - 1).clamp(0, 2 * kernel_size - 2)
+    return halo, allowed, rel
+
+
+def _traced_tile_bias(rpb: torch.Tensor | None, tiling_h, tiling_w, dtype) -> torch.Tensor:
+    """Additive bias (heads or 1, nTh, nTw, Th*Tw, Hh*Hw): RPB where allowed, -inf elsewhere."""
+    _, allowed_h, rel_h = tiling_h
+    _, allowed_w, rel_w = tiling_w
+    # index order: (tile_h, tile_w, query_h, query_w, key_h, key_w)
+    allowed = allowed_h[:, None, :, None, :, None] & allowed_w[None, :, None, :, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+    if rpb is None:
+        bias = mask[None]
+    else:
+        bias = rpb[:, rel_h[:, None, :, None, :, None], rel_w[None, :, None, :, None, :]].to(dtype) + mask
+    heads, n_h, n_w, t_h, t_w, k_h, k_w = bias.shape
+    return bias.reshape(heads, n_h, n_w, t_h * t_w, k_h * k_w)
+
+
+def _traced_na_tiled(q, k, v, kernel_size: Pair, rpb, scale: float, tile: int) -> torch.Tensor:
+    """Undilated NA on (B, h, G, L1, L2, D); G is an extra batch axis (dilation groups)."""
+    batch, heads, groups, len_h, len_w, dim = q.shape
+    tile_h, tile_w = min(tile, len_h), min(tile, len_w)
+    tiling_h = _traced_axis_tiling(len_h, kernel_size[0], tile_h, q.device)
+    tiling_w = _traced_axis_tiling(len_w, kernel_size[1], tile_w, q.device)
+    halo_h, halo_w = tiling_h[0], tiling_w[0]
+    n_h, n_w = halo_h.shape[0], halo_w.shape[0]
+
+    # queries: pad to whole tiles, then (B, h, G, nTh, nTw, Th*Tw, D)
+    q = F.pad(q, (0, 0, 0, n_w * tile_w - len_w, 0, n_h * tile_h - len_h))
+    q = q.view(batch, heads, groups, n_h, tile_h, n_w, tile_w, dim).transpose(4, 5)
+    q = q.reshape(batch, heads, groups, n_h, n_w, tile_h * tile_w, dim)
+
+    # keys and values: each tile's halo, (B, h, G, nTh, nTw, Hh*Hw, D)
+    def halo_of(x):
+        x = x[:, :, :, halo_h[:, :, None, None], halo_w[None, None, :, :]]  # (B,h,G,nTh,Hh,nTw,Hw,D)
+        return x.transpose(4, 5).flatten(5, 6)
+
+    k, v = halo_of(k), halo_of(v)
+    compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    bias = _traced_tile_bias(rpb, tiling_h, tiling_w, compute_dtype)[None, :, None]  # (1, h|1, 1, nTh, nTw, TT, HH)
+    scores = torch.matmul(q * scale, k.transpose(-1, -2)).to(compute_dtype) + bias
+    weights = scores.softmax(dim=-1).to(v.dtype)
+    out = torch.matmul(weights, v)  # (B, h, G, nTh, nTw, Th*Tw, D)
+
+    out = out.view(batch, heads, groups, n_h, n_w, tile_h, tile_w, dim).transpose(4, 5)
+    out = out.reshape(batch, heads, groups, n_h * tile_h, n_w * tile_w, dim)
+    return out[:, :, :, :len_h, :len_w]
+
+
+def _na2d_traceable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, dilation: Pair,
+                    rpb: torch.Tensor | None = None, scale: float | None = None, tile: int = 8) -> torch.Tensor:
+    """The fused op in plain differentiable ops (gathers, index_put), for torch.compile / torch.export: no
+    custom autograd Function, no chunk loop over the batch (which would fix the batch size), no in-place
+    softmax. Same semantics, slower in eager."""
+    batch, heads, height, width, dim = q.shape
+    scale = dim ** -0.5 if scale is None else scale
+    if dilation == (1, 1):
+        return _traced_na_tiled(q[:, :, None], k[:, :, None], v[:, :, None], kernel_size, rpb, scale, tile)[:, :, 0]
+
+    out = q.new_zeros(height, width, batch, heads, dim)
+    for rows in _traced_dilation_groups(height, dilation[0], q.device):
+        for cols in _traced_dilation_groups(width, dilation[1], q.device):
+            # (B, h, Lh, nh, Lw, nw, D) -> (B, h, nh*nw, Lh, Lw, D): each group an undilated map
+            index = (slice(None), slice(None), rows[:, :, None, None], cols[None, None, :, :])
+            len_h, n_h = rows.shape
+            len_w, n_w = cols.shape
+
+            def to_groups(x):
+                return x[index].permute(0, 1, 3, 5, 2, 4, 6).reshape(batch, heads, n_h * n_w, len_h, len_w, dim)
+
+            part = _traced_na_tiled(to_groups(q), to_groups(k), to_groups(v), kernel_size, rpb, scale, tile)
+            part = part.view(batch, heads, n_h, n_w, len_h, len_w, dim).permute(4, 2, 5, 3, 0, 1, 6)
+            out = out.index_put((rows[:, :, None, None], cols[None, None, :, :]), part)
+    return out.permute(2, 3, 0, 1, 4)
+
+
 def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, dilation: Pair,
          rpb: torch.Tensor | None = None, scale: float | None = None,
          tile: int | tuple[int | None, int | None] | None = None) -> torch.Tensor:
@@ -488,6 +604,8 @@ by `plan_axis`).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     tile = tuple(tile) if isinstance(tile, (tuple, list)) else (tile, tile)
+    if torch.compiler.is_compiling():
+        return _na2d_traceable(q, k, v, tuple(kernel_size), tuple(dilation), rpb=rpb, scale=scale)
     return _NeighborhoodAttention.apply(q, k, v, rpb, tuple(kernel_size), tuple(dilation), scale, tile)
 
 
