@@ -3,7 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo venv clean
+# a second environment with the optional NATTEN accelerator, to check the natten backend against the
+# reference tester (NATTEN >= 0.20 breaks the import of transformers' own DiNAT, which other tests read)
+NATTEN_VENV ?= .venv-natten
+NATTEN_STAMP := $(NATTEN_VENV)/.installed-stamp
+
+.PHONY: test test-natten demo venv clean
 
 venv: $(STAMP)
 
@@ -16,8 +21,18 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+$(NATTEN_STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(NATTEN_VENV)
+	$(NATTEN_VENV)/bin/python -m pip install --quiet -c constraints.txt -e . pytest
+	# NATTEN's source package imports torch while building: build it against the torch installed above
+	$(NATTEN_VENV)/bin/python -m pip install --quiet --no-build-isolation -c constraints.txt natten
+	touch $(NATTEN_STAMP)
+
+test-natten: $(NATTEN_STAMP)
+	$(NATTEN_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_backends.py
+
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(NATTEN_VENV) build src/*.egg-info
