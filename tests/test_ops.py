@@ -49,6 +49,23 @@ def test_fused_matches_reference_forward_backward(shape, use_rpb):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_traced_path_matches_reference(shape):
+    # the plain differentiable version that torch.compile / torch.export run instead of the eager Function
+    from dinat.ops.torch_backend import _na2d_traceable
+
+    kernel, dilation = shape[2], shape[3]
+    q, k, v, rpb = _inputs(shape, seed=2)
+    leaves = [t.requires_grad_() for t in (q, k, v, rpb)]
+    expected, _ = reference_na2d(q, k, v, kernel, dilation, rpb)
+    out = _na2d_traceable(q, k, v, (kernel, kernel), (dilation, dilation), rpb=rpb)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+    grad_out = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, leaves, grad_out),
+                         torch.autograd.grad(expected, leaves, grad_out)):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("shape", EDGE_SHAPES[:6], ids=lambda s: "x".join(map(str, s)))
 def test_unfused_pair_matches_reference(shape):
     kernel, dilation = shape[2], shape[3]
