@@ -38,12 +38,14 @@ def gradients(model: DinatForImageClassification, pixels, labels) -> dict[str, t
 def count_layer_calls(model) -> dict[str, int]:
     """Forward calls per DinatLayer: a checkpointed layer runs twice in a training step (forward, recompute).
 
-    Counted when the call starts: the recompute may stop early, once it has what backward needs."""
+    Counted at the layer's first submodule: transformers checkpoints the layer's `forward` (its own hooks stay
+    outside the checkpoint), and the recompute may stop early, once it has what backward needs."""
     calls: dict[str, int] = {}
     for name, module in model.named_modules():
         if isinstance(module, DinatLayer):
             calls[name] = 0
-            module.register_forward_pre_hook(lambda mod, args, name=name: calls.__setitem__(name, calls[name] + 1))
+            module.layernorm_before.register_forward_pre_hook(
+                lambda mod, args, name=name: calls.__setitem__(name, calls[name] + 1))
     return calls
 
 
@@ -340,3 +342,28 @@ def test_imagefolder_example_fine_tunes_and_saves(tmp_path):
     assert model.config.id2label == {0: "cats", 1: "dogs"}
     assert model.config.drop_path_rate == 0.1
     assert (tmp_path / "out" / "preprocessor_config.json").exists()
+
+
+def test_trainer_gradient_accumulation_equals_one_big_batch(tmp_path):
+    """Batch 8 in one step vs two accumulated batches of 4 (the same 8 samples): the same loss and update.
+
+    transformers' Trainer divides the loss by the accumulation steps unless the model says it normalizes by
+    `num_items_in_batch` itself (`accepts_loss_kwargs`); a model that claims it but does not gets 2x gradients."""
+    from transformers import Trainer, TrainingArguments
+
+    results = {}
+    for batch_size, accumulation in ((8, 1), (4, 2)):
+        model = small_model()
+        args = TrainingArguments(output_dir=str(tmp_path / f"run{accumulation}"),
+                                 per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                                 max_steps=3, learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                                 logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=Stripes(24, 0))
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        results[accumulation] = (losses, {name: p.detach().clone() for name, p in model.named_parameters()})
+    (losses1, params1), (losses2, params2) = results[1], results[2]
+    assert len(losses1) == len(losses2) == 3
+    assert losses2 == pytest.approx(losses1, rel=1e-5, abs=1e-6)
+    for name, value in params1.items():
+        torch.testing.assert_close(params2[name], value, rtol=0, atol=1e-5, msg=name)

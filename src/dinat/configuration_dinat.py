@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 from transformers import PreTrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 # The paper's variants, as in the original repository (SHI-Labs/Neighborhood-Attention-Transformer).
 _DILATIONS_224 = [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1] * 5]
@@ -35,7 +36,7 @@ NA_BACKENDS = ("auto", "torch", "flex", "natten")
 _DERIVED_KEYS = ("hidden_size", "num_layers", "stage_names")
 
 
-class DinatConfig(PreTrainedConfig):
+class DinatConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""Configuration of a DiNAT model, with the same fields and defaults as transformers' `DinatConfig`.
 
     The defaults describe DiNAT-mini
@@ -101,7 +102,8 @@ class DinatConfig(PreTrainedConfig):
         self.num_layers = len(self.depths)
         self.hidden_size = int(embed_dim * 2 ** (len(self.depths) - 1))  # width of the last stage
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
-        self._out_features, self._out_indices = _align_out_features(self.stage_names, out_features, out_indices)
+        # transformers' BackboneConfigMixin keeps, checks and aligns out_features / out_indices (and serializes them)
+        self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
         super().__init__(**kwargs)
 
     # -- validation -------------------------------------------------------------------------------
@@ -155,29 +157,6 @@ class DinatConfig(PreTrainedConfig):
         if self.na_backend not in NA_BACKENDS:
             raise ValueError(f"DinatConfig.na_backend must be one of {list(NA_BACKENDS)}, got {self.na_backend!r}")
 
-    # -- backbone outputs ---------------------------------------------------------------------------
-    @property
-    def out_features(self) -> list[str]:
-        return self._out_features
-
-    @out_features.setter
-    def out_features(self, value: list[str] | None) -> None:
-        self._out_features, self._out_indices = _align_out_features(self.stage_names, value, None)
-
-    @property
-    def out_indices(self) -> list[int]:
-        return self._out_indices
-
-    @out_indices.setter
-    def out_indices(self, value: list[int] | None) -> None:
-        self._out_features, self._out_indices = _align_out_features(self.stage_names, None, value)
-
-    def to_dict(self) -> dict[str, Any]:
-        output = super().to_dict()
-        output["out_features"] = output.pop("_out_features", None)
-        output["out_indices"] = output.pop("_out_indices", None)
-        return output
-
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "DinatConfig":
         try:
@@ -212,26 +191,6 @@ def nat_to_dinat_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
         config_dict["architectures"] = [name.replace("Nat", "Dinat", 1) if name.startswith("Nat") else name
                                         for name in config_dict["architectures"]]
     return config_dict
-
-
-def _align_out_features(stage_names: list[str], out_features, out_indices) -> tuple[list[str], list[int]]:
-    """Fill in whichever of out_features / out_indices is missing; default to the last stage."""
-    if out_features is not None:
-        unknown = [name for name in out_features if name not in stage_names]
-        if unknown:
-            raise ValueError(f"DinatConfig.out_features {unknown} are not stage names; choose from {stage_names}")
-        indices = [stage_names.index(name) for name in out_features]
-        if out_indices is not None and [i % len(stage_names) for i in out_indices] != indices:
-            raise ValueError(f"DinatConfig.out_features {out_features} and out_indices {out_indices} disagree")
-    elif out_indices is not None:
-        if any(not -len(stage_names) <= i < len(stage_names) for i in out_indices):
-            raise ValueError(f"DinatConfig.out_indices {out_indices} out of range for {len(stage_names)} stages")
-        indices = [i % len(stage_names) for i in out_indices]
-    else:
-        indices = [len(stage_names) - 1]
-    if indices != sorted(set(indices)):
-        raise ValueError(f"DinatConfig.out_features/out_indices must be increasing without repeats, got {indices}")
-    return [stage_names[i] for i in indices], indices
 
 
 __all__ = ["DinatConfig", "PRESETS"]

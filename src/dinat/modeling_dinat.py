@@ -18,8 +18,11 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from . import ops
 from .configuration_dinat import DinatConfig
@@ -217,8 +220,10 @@ class DinatDropPath(nn.Module):
         return f"p={self.drop_prob}"
 
 
-class DinatLayer(nn.Module):
-    """Pre-norm block: x + NA(LN(x)), then x + MLP(LN(x)); optional layer scale on both branches."""
+class DinatLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + NA(LN(x)), then x + MLP(LN(x)); optional layer scale on both branches.
+
+    A GradientCheckpointingLayer: transformers' activation-checkpointing switches recompute it in backward."""
 
     def __init__(self, config: DinatConfig, dim: int, num_heads: int, dilation: int, drop_path_rate: float = 0.0):
         super().__init__()
@@ -270,22 +275,13 @@ class DinatStage(nn.Module):
         self.layers = nn.ModuleList(
             DinatLayer(config, dim, num_heads, dilations[i], drop_path_rate[i]) for i in range(depth))
         self.downsample = DinatDownsampler(dim) if downsample else None
-        self.gradient_checkpointing = False
-        # set by transformers' activation_checkpointing_enable (Trainer): its checkpoint function (which carries
-        # gradient_checkpointing_kwargs) and, for every_n_layers, which of this stage's layers to checkpoint
-        self._gradient_checkpointing_func = None
-        self._checkpointed_layers = [True] * depth
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
         """Returns (output, output before downsampling, weights of the last layer or None)."""
         weights = None
-        for layer, checkpointed in zip(self.layers, self._checkpointed_layers):
-            if self.gradient_checkpointing and checkpointed and self.training and torch.is_grad_enabled():
-                checkpoint = self._gradient_checkpointing_func or functools.partial(
-                    torch.utils.checkpoint.checkpoint, use_reentrant=False)
-                hidden_states, weights = checkpoint(layer, hidden_states, output_attentions)
-            else:
-                hidden_states, weights = layer(hidden_states, output_attentions)
+        for layer in self.layers:
+            # hidden_states positional: a checkpointed layer passes it through the checkpoint function
+            hidden_states, weights = layer(hidden_states, output_attentions=output_attentions)
         before_downsampling = hidden_states
         if self.downsample is not None:
             hidden_states = self.downsample(before_downsampling)
@@ -312,8 +308,8 @@ class DinatEncoder(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False,
-                output_hidden_states: bool = False, output_hidden_states_before_downsampling: bool = False,
-                return_dict: bool = True):
+                output_hidden_states: bool = False,
+                output_hidden_states_before_downsampling: bool = False) -> DinatEncoderOutput:
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_reshaped = (hidden_states.permute(0, 3, 1, 2),) if output_hidden_states else None
         all_attentions = () if output_attentions else None
@@ -327,8 +323,6 @@ class DinatEncoder(nn.Module):
             if output_attentions:
                 all_attentions += (weights,)
 
-        if not return_dict:
-            return tuple(v for v in (hidden_states, all_hidden, all_attentions, all_reshaped) if v is not None)
         return DinatEncoderOutput(last_hidden_state=hidden_states, hidden_states=all_hidden,
                                   attentions=all_attentions, reshaped_hidden_states=all_reshaped)
 
@@ -368,6 +362,9 @@ class DinatPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["DinatLayer"]
+    # No DiNAT loss consumes `num_items_in_batch`: each is a mean over its batch. This tells transformers'
+    # Trainer so, which then divides by the accumulation steps itself and does not scale by the world size.
+    accepts_loss_kwargs = False
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -404,18 +401,14 @@ class DinatPreTrainedModel(PreTrainedModel):
         elif isinstance(module, DinatLayer) and module.layer_scale_parameters is not None:
             init.constant_(module.layer_scale_parameters, self.config.layer_scale_init_value)
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+    def _set_gradient_checkpointing(self, enable: bool = True,
+                                    gradient_checkpointing_func=torch.utils.checkpoint.checkpoint,
                                     every_n_layers: int = 1) -> None:
-        """The hook behind transformers' `gradient_checkpointing_enable/disable` (and Trainer's
-        `gradient_checkpointing=True`): checkpoint every `every_n_layers`-th layer, counted over all stages."""
+        """transformers' switch (it counts DinatLayers over all stages), with a clear error for a bad
+        `every_n_layers` instead of a ZeroDivisionError."""
         if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
             raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
-        layer_index = 0
-        for stage in self._stages():
-            stage.gradient_checkpointing = enable
-            stage._gradient_checkpointing_func = gradient_checkpointing_func
-            stage._checkpointed_layers = [(layer_index + j) % every_n_layers == 0 for j in range(len(stage.layers))]
-            layer_index += len(stage.layers)
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
 
     def set_grad_checkpointing(self, enable: bool = True, stages: list[int] | None = None) -> None:
         """timm-style switch; `stages` limits it to some stage indices (default: all), every layer of each."""
@@ -426,8 +419,10 @@ class DinatPreTrainedModel(PreTrainedModel):
                 raise ValueError(f"stages {bad} out of range: the model has stages 0 .. {len(all_stages) - 1}")
         for i, stage in enumerate(all_stages):
             if stages is None or i in stages:
-                stage.gradient_checkpointing = enable
-                stage._checkpointed_layers = [True] * len(stage.layers)
+                for layer in stage.layers:
+                    layer.gradient_checkpointing = enable
+                    layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint,
+                                                                           use_reentrant=False)
 
     def _stages(self) -> list[DinatStage]:
         return [m for m in self.modules() if isinstance(m, DinatStage)]
@@ -453,11 +448,11 @@ class DinatModel(DinatPreTrainedModel):
     def get_input_embeddings(self) -> DinatPatchEmbeddings:
         return self.embeddings.patch_embeddings
 
+    @can_return_tuple
     def forward(self, pixel_values: torch.Tensor | None = None, output_attentions: bool | None = None,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs):
+                output_hidden_states: bool | None = None, **kwargs) -> DinatModelOutput:
         output_attentions = _resolve(output_attentions, self.config.output_attentions)
         output_hidden_states = _resolve(output_hidden_states, self.config.output_hidden_states)
-        return_dict = _resolve(return_dict, self.config.return_dict)
         if pixel_values is None:
             raise ValueError("DinatModel needs pixel_values of shape (batch, channels, height, width)")
         check_pixel_values(pixel_values, self.config.num_channels)
@@ -465,15 +460,11 @@ class DinatModel(DinatPreTrainedModel):
 
         embedding_output = self.embeddings(pixel_values)  # (B, H/4, W/4, C)
         encoder_outputs = self.encoder(embedding_output, output_attentions=output_attentions,
-                                       output_hidden_states=output_hidden_states, return_dict=True)
+                                       output_hidden_states=output_hidden_states)
         sequence_output = self.layernorm(encoder_outputs.last_hidden_state)  # (B, H/32, W/32, C_last)
         pooled_output = None
         if self.pooler is not None:
             pooled_output = self.pooler(sequence_output.flatten(1, 2).transpose(1, 2)).flatten(1)  # (B, C_last)
-
-        if not return_dict:
-            rest = (encoder_outputs.hidden_states, encoder_outputs.attentions, encoder_outputs.reshaped_hidden_states)
-            return (sequence_output, pooled_output) + tuple(v for v in rest if v is not None)
         return DinatModelOutput(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,
@@ -518,62 +509,53 @@ class DinatForImageClassification(DinatPreTrainedModel):
             nn.init.normal_(self.classifier.weight, std=self.config.initializer_range)
             nn.init.zeros_(self.classifier.bias)
 
+    @can_return_tuple
     def forward(self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, **kwargs):
-        return_dict = _resolve(return_dict, self.config.return_dict)
+                **kwargs) -> DinatImageClassifierOutput:
         outputs = self.dinat(pixel_values, output_attentions=output_attentions,
                              output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(outputs.pooler_output)
-        loss = None if labels is None else self.compute_loss(logits, labels)
-
-        if not return_dict:
-            rest = (outputs.hidden_states, outputs.attentions, outputs.reshaped_hidden_states)
-            output = (logits,) + tuple(v for v in rest if v is not None)
-            return ((loss,) + output) if loss is not None else output
+        loss = None
+        if labels is not None:
+            # transformers' image-classification loss (by config.problem_type, inferred when unset)
+            loss = self.loss_function(self._checked_labels(labels, logits), logits, self.config)
         return DinatImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                           attentions=outputs.attentions,
                                           reshaped_hidden_states=outputs.reshaped_hidden_states)
 
-    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Loss by config.problem_type, inferred as transformers does when unset."""
+    def _checked_labels(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Labels as the loss needs them, or a clear error: class indices in range for single-label
+        classification, the logits' dtype for regression and multi-label targets."""
         labels = labels.to(logits.device)
         problem_type = self.config.problem_type
-        if problem_type is None:
+        if problem_type is None:  # inferred as transformers' loss will infer it
             if self.num_labels == 1:
                 problem_type = "regression"
             elif labels.dtype in (torch.long, torch.int):
                 problem_type = "single_label_classification"
             else:
                 problem_type = "multi_label_classification"
-        if problem_type == "regression":
-            if self.num_labels == 1:
-                return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
-            return F.mse_loss(logits, labels.to(logits.dtype))
-        if problem_type == "single_label_classification":
-            labels = labels.view(-1)
-            if labels.is_floating_point():
-                raise ValueError("single-label classification needs integer class labels, got "
-                                 f"{labels.dtype}")
-            # a data-dependent check: skipped under torch.compile, where it would break the graph
-            if not torch.compiler.is_compiling() and labels.numel() and (
-                    labels.min() < -100 or labels.max() >= self.num_labels):
-                raise ValueError(f"labels must be class indices in [0, {self.num_labels}), got values from "
-                                 f"{labels.min().item()} to {labels.max().item()}")
-            return F.cross_entropy(logits.view(-1, self.num_labels), labels)
-        if problem_type == "multi_label_classification":
-            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-        raise ValueError(f"unknown problem_type {problem_type!r}")
+        if problem_type != "single_label_classification":
+            return labels.to(logits.dtype)
+        if labels.is_floating_point():
+            raise ValueError(f"single-label classification needs integer class labels, got {labels.dtype}")
+        # a data-dependent check: skipped under torch.compile, where it would break the graph
+        if not torch.compiler.is_compiling() and labels.numel() and (
+                labels.min() < -100 or labels.max() >= self.num_labels):
+            raise ValueError(f"labels must be class indices in [0, {self.num_labels}), got values from "
+                             f"{labels.min().item()} to {labels.max().item()}")
+        return labels
 
 
-class DinatBackbone(DinatPreTrainedModel):
-    """Multi-scale features for detection/segmentation: normalized (B, C, H, W) maps of `config.out_features`."""
+class DinatBackbone(BackboneMixin, DinatPreTrainedModel):
+    """Multi-scale features for detection/segmentation: normalized (B, C, H, W) maps of `config.out_features`.
 
-    has_attentions = True
+    transformers' BackboneMixin supplies out_features / out_indices / channels, `backbone_type` and the
+    `forward_with_filtered_kwargs` that UperNet, DPT and other heads call."""
 
     def __init__(self, config: DinatConfig):
         super().__init__(config)
-        self.stage_names = config.stage_names
         self.embeddings = DinatEmbeddings(config)
         self.encoder = DinatEncoder(config)
         self.num_features = [config.embed_dim] + [int(config.embed_dim * 2 ** i) for i in range(len(config.depths))]
@@ -581,47 +563,25 @@ class DinatBackbone(DinatPreTrainedModel):
             {stage: nn.LayerNorm(channels) for stage, channels in zip(self.out_features, self.channels)})
         self.post_init()
 
-    @property
-    def out_features(self) -> list[str]:
-        return self.config.out_features
-
-    @property
-    def out_indices(self) -> list[int]:
-        return self.config.out_indices
-
-    @property
-    def channels(self) -> list[int]:
-        return [self.num_features[self.stage_names.index(name)] for name in self.out_features]
-
     def get_input_embeddings(self) -> DinatPatchEmbeddings:
         return self.embeddings.patch_embeddings
 
+    @can_return_tuple
+    @filter_output_hidden_states  # hidden_states only when asked for
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
-                output_attentions: bool | None = None, return_dict: bool | None = None, **kwargs):
-        return_dict = _resolve(return_dict, self.config.return_dict)
-        output_hidden_states = _resolve(output_hidden_states, self.config.output_hidden_states)
+                output_attentions: bool | None = None, **kwargs) -> BackboneOutput:
         output_attentions = _resolve(output_attentions, self.config.output_attentions)
         check_pixel_values(pixel_values, self.config.num_channels)
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection[0].weight.dtype)
 
         outputs = self.encoder(self.embeddings(pixel_values), output_attentions=output_attentions,
-                               output_hidden_states=True, output_hidden_states_before_downsampling=True,
-                               return_dict=True)
+                               output_hidden_states=True, output_hidden_states_before_downsampling=True)
         feature_maps = ()
         for stage, hidden_state in zip(self.stage_names, outputs.hidden_states):  # (B, H, W, C) each
             if stage in self.out_features:
                 normed = self.hidden_states_norms[stage](hidden_state)
                 feature_maps += (normed.permute(0, 3, 1, 2).contiguous(),)
-
-        if not return_dict:
-            output = (feature_maps,)
-            if output_hidden_states:
-                output += (outputs.hidden_states,)
-            if output_attentions:
-                output += (outputs.attentions,)
-            return output
-        return BackboneOutput(feature_maps=feature_maps,
-                              hidden_states=outputs.hidden_states if output_hidden_states else None,
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=outputs.hidden_states,
                               attentions=outputs.attentions)
 
 
