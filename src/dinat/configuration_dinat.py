@@ -32,6 +32,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Neighborhood-attention backends (dinat.ops.dispatch.CHOICES, repeated to keep the config import-light).
 NA_BACKENDS = ("auto", "torch", "flex", "natten")
 
+# Options transformers' DinatConfig does not have, and their defaults (save_pretrained writes them only when set).
+_DINAT_ONLY_DEFAULTS = {"use_rpb": True, "na_backend": "auto"}
+
 # Written by transformers' config but derived from other fields: accepted on load, recomputed here.
 _DERIVED_KEYS = ("hidden_size", "num_layers", "stage_names")
 
@@ -156,6 +159,16 @@ class DinatConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(f"DinatConfig.use_rpb must be True or False, got {self.use_rpb!r}")
         if self.na_backend not in NA_BACKENDS:
             raise ValueError(f"DinatConfig.na_backend must be one of {list(NA_BACKENDS)}, got {self.na_backend!r}")
+
+    # -- what save_pretrained writes ------------------------------------------------------------------
+    def to_diff_dict(self) -> dict[str, Any]:
+        """As transformers', minus this package's own options where they keep their defaults: such a config.json
+        is one that plain transformers' DinatConfig writes and reads."""
+        output = super().to_diff_dict()
+        for key, default in _DINAT_ONLY_DEFAULTS.items():
+            if key in output and output[key] == default:
+                del output[key]
+        return output
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "DinatConfig":

@@ -4,7 +4,9 @@ outcomes into errors that name the file and the problem.
 - weights are loaded from safetensors, or from a legacy `pytorch_model.bin` only with torch's
   `weights_only` unpickler: a pickle that would run code is refused, never executed;
 - a corrupt or truncated file, a missing or unexpected trunk key, and a shape mismatch are errors
-  (pass `strict=False` to get transformers' warnings instead; `ignore_mismatched_sizes=True` for a new head).
+  (pass `strict=False` to get transformers' warnings instead; `ignore_mismatched_sizes=True` for a new head);
+- `output_loading_info=True` asks for a report: missing and unexpected keys are reported in it, as transformers
+  does, instead of raised.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from typing import Any
 HEAD_PREFIXES = ("classifier.", "dinat.layernorm.", "layernorm.", "hidden_states_norms.")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+
+
+class CheckpointMismatchError(ValueError, RuntimeError):
+    """A checkpoint that does not fit the model. A ValueError like this package's other bad-input errors, and a
+    RuntimeError like transformers' own size-mismatch error, so callers written for either catch it."""
 
 
 def weights_file_hint(name_or_path: str | os.PathLike, kwargs: dict[str, Any]) -> str:
@@ -72,9 +79,9 @@ def checked_from_pretrained(load, name_or_path, args, kwargs: dict[str, Any]):
     if mismatched and not ignore_mismatched:
         details = "; ".join(f"{key}: checkpoint {tuple(ckpt)} vs model {tuple(model_shape)}"
                             for key, ckpt, model_shape in mismatched)
-        raise ValueError(f"{weights_file_hint(name_or_path, kwargs)}: shape mismatch: {details}. For a new "
-                         "classification head pass ignore_mismatched_sizes=True (with num_labels=...)")
-    if strict:
+        raise CheckpointMismatchError(f"{weights_file_hint(name_or_path, kwargs)}: shape mismatch: {details}. For a "
+                                      "new classification head pass ignore_mismatched_sizes=True (with num_labels=...)")
+    if strict and not want_info:
         missing = sorted(k for k in info.get("missing_keys", ()) if not _is_head_key(k))
         unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not _is_head_key(k))
         problems = []
@@ -83,9 +90,9 @@ def checked_from_pretrained(load, name_or_path, args, kwargs: dict[str, Any]):
         if unexpected:
             problems.append(f"unexpected keys {unexpected}")
         if problems:
-            raise ValueError(f"{weights_file_hint(name_or_path, kwargs)}: checkpoint does not match the "
-                             f"{type(model).__name__} architecture in its config: " + "; ".join(problems)
-                             + " (pass strict=False to load anyway)")
+            raise CheckpointMismatchError(f"{weights_file_hint(name_or_path, kwargs)}: checkpoint does not match "
+                                          f"the {type(model).__name__} architecture in its config: "
+                                          + "; ".join(problems) + " (pass strict=False to load anyway)")
     return (model, info) if want_info else model
 
 
