@@ -222,3 +222,168 @@ def test_head_trains_and_reloads(head, tmp_path):
     assert set(got) == set(expected)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+# -------------------------------------------------------------------------------------------------
+# pipeline("image-segmentation") with locally built processors, and examples/segment.py
+# -------------------------------------------------------------------------------------------------
+ADE_CLASSES = {0: ("wall", 0), 1: ("building", 0), 2: ("sky", 0), 3: ("tree", 0), 4: ("person", 1)}  # name, thing
+
+
+def structured_image(height: int = 96, width: int = 128) -> Image.Image:
+    rows, cols = np.mgrid[0:height, 0:width]
+    pixels = np.stack([cols * 2, rows * 2, 255 - cols], -1) % 256
+    pixels[height // 3:2 * height // 3, width // 4:width // 2] = (200, 40, 40)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def tiny_oneformer_checkpoint(folder: Path) -> Path:
+    """A small OneFormer on DiNAT saved as the hub's shi-labs/oneformer_*_dinat_* repos are: model, image
+    processor (its class list in a JSON file the processor loads from `repo_path`, here `folder` itself) and a
+    CLIP tokenizer."""
+    import transformers as tf
+
+    names = {i: name for i, (name, _) in ADE_CLASSES.items()}
+    config = tf.OneFormerConfig(backbone_config=small_backbone(), num_labels=len(names), id2label=names,
+                                label2id={n: i for i, n in names.items()}, hidden_dim=32, conv_dim=32, mask_dim=32,
+                                num_queries=8, dim_feedforward=64, decoder_layers=2, encoder_layers=1,
+                                encoder_feedforward_dim=64, text_encoder_width=32, text_encoder_num_layers=1,
+                                text_encoder_context_length=77, text_encoder_proj_layers=1, text_encoder_n_ctx=2,
+                                task_seq_len=77, num_attention_heads=2)
+    torch.manual_seed(3)
+    model = tf.OneFormerForUniversalSegmentation(config)
+    with torch.no_grad():  # spread the class scores so that several classes win somewhere
+        for name, param in model.named_parameters():
+            if any(part in name for part in ("class_predictor", "mask_embed", "queries_embedder")):
+                param.normal_(0.0, 1.0)
+    model.save_pretrained(folder)
+    (folder / "classes.json").write_text(json.dumps(
+        {str(i): {"name": name, "isthing": thing} for i, (name, thing) in ADE_CLASSES.items()}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "requires torchvision ...; falling back to the PIL processor"
+        image_processor = tf.OneFormerImageProcessor(
+            repo_path=str(folder), class_info_file="classes.json", num_text=6,
+            size={"shortest_edge": 64, "longest_edge": 128}, do_reduce_labels=False)
+    # special tokens only (the task text maps to unknowns); padding with id 0, as OneFormerProcessor pads task
+    # texts, so that the pipeline (which pads with the tokenizer) and the processor give the model the same ids
+    tokenizer = tf.CLIPTokenizer(vocab={"!": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}, merges=[],
+                                 pad_token="!", model_max_length=77)
+    tf.OneFormerProcessor(image_processor=image_processor, tokenizer=tokenizer, max_seq_length=77,
+                          task_seq_length=77).save_pretrained(folder)
+    return folder
+
+
+def semantic_labels(folder: Path, image: Image.Image) -> np.ndarray:
+    """The semantic label map straight from model + processor (no pipeline): the expectation."""
+    import transformers as tf
+
+    processor = tf.OneFormerProcessor.from_pretrained(folder)
+    model = tf.OneFormerForUniversalSegmentation.from_pretrained(folder).eval()
+    inputs = processor(images=image, task_inputs=["semantic"], return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**inputs)
+    labels = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+    return labels.numpy()
+
+
+def test_pipeline_segments_with_upernet_and_a_local_processor(tmp_path):
+    import transformers as tf
+
+    folder = tmp_path / "upernet"
+    model = tf.UperNetForSemanticSegmentation.from_pretrained(DENSE / "upernet_small" / "model").eval()
+    model.save_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tf.SegformerImageProcessor(size={"height": 128, "width": 160}, do_reduce_labels=False).save_pretrained(folder)
+    image = structured_image()
+    segmenter = tf.pipeline("image-segmentation", model=str(folder))
+    segments = segmenter(image)
+    # expectation without the pipeline: resize + normalize, logits upsampled bilinearly to the image, argmax
+    processor = tf.SegformerImageProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        logits = model(**processor(images=image, return_tensors="pt")).logits
+    expected = torch.nn.functional.interpolate(logits, size=image.size[::-1], mode="bilinear",
+                                               align_corners=False).argmax(1)[0].numpy()
+    assert {s["label"] for s in segments} == {model.config.id2label[int(i)] for i in np.unique(expected)}
+    for segment in segments:
+        label_id = model.config.label2id[segment["label"]]
+        np.testing.assert_array_equal(np.asarray(segment["mask"]) > 0, expected == label_id)
+
+
+def test_pipeline_segments_with_oneformer_and_a_local_processor(tmp_path):
+    from transformers import pipeline
+
+    folder = tiny_oneformer_checkpoint(tmp_path / "oneformer")
+    image = structured_image()
+    segments = pipeline("image-segmentation", model=str(folder))(image, subtask="semantic")
+    expected = semantic_labels(folder, image)
+    assert len(np.unique(expected)) >= 2  # a map worth comparing
+    label2id = {name: i for i, (name, _) in ADE_CLASSES.items()}
+    got = np.full(expected.shape, -1)
+    for segment in segments:
+        got[np.asarray(segment["mask"]) > 0] = label2id[segment["label"]]
+    np.testing.assert_array_equal(got, expected)
+
+
+def write_hub_repo(cache: Path, repo_id: str, files: Path, kind: str = "models") -> None:
+    """Put the files of `files` into a huggingface_hub cache as `hf download` leaves them (blobs, snapshot links)."""
+    from hub_cache_helpers import REVISION, _write_blob
+
+    repo_dir = cache / f"{kind}--{repo_id.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / REVISION
+    snapshot.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(REVISION)
+    for path in sorted(files.iterdir()):
+        _write_blob(repo_dir, snapshot, path.name, path.read_bytes())
+
+
+def test_segment_example_writes_the_overlay_for_a_hub_id_offline(tmp_path):
+    """examples/segment.py with the README's hub id, resolved offline from a local hub cache holding a tiny
+    checkpoint in that repo's layout (its processor reads the class list from the dataset repo
+    shi-labs/oneformer_demo, as the hub checkpoints do)."""
+    import subprocess
+    import sys
+
+    from hub_cache_helpers import offline_env
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    import segment
+
+    saved = tiny_oneformer_checkpoint(tmp_path / "saved")
+    repo, metadata = tmp_path / "repo", tmp_path / "metadata"
+    repo.mkdir()
+    metadata.mkdir()
+    for path in saved.iterdir():
+        (metadata if path.name == "classes.json" else repo).joinpath(path.name).write_bytes(path.read_bytes())
+    processor_config = json.loads((repo / "processor_config.json").read_text())
+    processor_config["image_processor"]["repo_path"] = "shi-labs/oneformer_demo"
+    (repo / "processor_config.json").write_text(json.dumps(processor_config))
+    cache = tmp_path / "hub"
+    write_hub_repo(cache, "shi-labs/oneformer_ade20k_dinat_large", repo)
+    write_hub_repo(cache, "shi-labs/oneformer_demo", metadata, kind="datasets")
+    image = structured_image()
+    image.save(tmp_path / "street.png")
+
+    result = subprocess.run(
+        [sys.executable, segment.__file__, str(tmp_path / "street.png"),
+         "--model", "shi-labs/oneformer_ade20k_dinat_large", "--out", str(tmp_path / "overlay.png")],
+        env=offline_env(cache, tmp_path / "home"), capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"overlay: {tmp_path / 'overlay.png'}" in result.stdout
+
+    # expectation: the label map from model + processor, each pixel blended with its class colour
+    labels = semantic_labels(saved, image)
+    present = np.unique(labels)
+    assert len(present) >= 2
+    written = np.asarray(Image.open(tmp_path / "overlay.png").convert("RGB")).astype(int)
+    assert written.shape[0] == image.height + 16 * len(present) + 6 and written.shape[1] >= image.width
+    picture = written[:image.height, :image.width]
+    original = np.asarray(image).astype(float)
+    for label_id in present:
+        colour = np.array(segment.class_colour(int(label_id)), dtype=float)
+        blended = np.round(0.45 * original + 0.55 * colour)
+        mask = labels == label_id
+        assert np.abs(picture[mask] - blended[mask]).max() <= 1, ADE_CLASSES[int(label_id)][0]
+    for label_id in present:
+        assert f"{ADE_CLASSES[int(label_id)][0]}: " in result.stdout  # the legend, printed too
