@@ -26,6 +26,18 @@ STALE = {
 MARKS = ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test")
 
 
+@pytest.fixture(autouse=True)
+def transformers_default_log_level():
+    """Some tests assert on transformers' warnings; other tests in this process (e.g. the in-process `dinat predict`
+    CLI) lower its verbosity. Run these at transformers' default level, and leave the level as found."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_warning()
+    yield
+    logging.set_verbosity(level)
+
+
 def pytest_configure(config):
     for mark in MARKS:
         config.addinivalue_line("markers", f"{mark}: transformers' test-suite mark")
