@@ -139,6 +139,17 @@ class DinatImageProcessor(BaseImageProcessor):
         with clear_loading_errors(pretrained_model_name_or_path, "image processor"):
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """Write `preprocessor_config.json` atomically (dinat.atomic, issue 10): the folder's other files are kept,
+        a file path or a folder holding the working directory is refused."""
+        from . import atomic
+
+        if push_to_hub:  # transformers' upload path, unchanged
+            return super().save_pretrained(save_directory, push_to_hub=True, **kwargs)
+        with atomic.replace_checkpoint(save_directory, owns=atomic.processor_owns) as staging:
+            written = super().save_pretrained(staging, **kwargs)
+        return [os.path.join(save_directory, os.path.basename(name)) for name in written]
+
     @property
     def input_size(self) -> tuple[int, int] | None:
         """(height, width) of the pixel values for any image, or None when it depends on the image."""
