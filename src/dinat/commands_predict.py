@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Any
 
 DTYPES = ("float32", "bfloat16")
@@ -99,24 +100,36 @@ def load_classifier(model_name: str, device=None, dtype=None):
     import torch
 
     from .image_processing_dinat import DinatImageProcessor
+    from .loading import LoadWarning
     from .modeling_dinat import DinatForImageClassification
 
     _quiet_transformers()
-    model = DinatForImageClassification.from_pretrained(model_name, dtype=dtype or torch.float32)
+    # what loading warns about (a newly initialized head, cast weights) is shown, not hidden by the quiet logs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = DinatForImageClassification.from_pretrained(model_name, dtype=dtype or torch.float32)
+    for warning in caught:
+        if issubclass(warning.category, LoadWarning):
+            print(f"dinat: warning: {warning.message}", file=sys.stderr)
+        else:  # others as Python would have shown them
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if not model.config.num_labels or model.config.num_labels < 1:
         from .cli import CliError
 
         raise CliError(f"{model_name} has no classification head (num_labels = 0)")
     model = model.to(device or "cpu").eval()
+    if os.path.isdir(model_name) and not os.path.lexists(os.path.join(model_name, "preprocessor_config.json")):
+        # a local folder without preprocessor_config.json: the DiNAT checkpoints' ImageNet defaults
+        print(f"dinat: note: {model_name} has no preprocessor_config.json; using 224x224 bicubic resize with "
+              "ImageNet mean/std", file=sys.stderr)
+        return model, DinatImageProcessor(size=224, resample=3)
     try:
         processor = DinatImageProcessor.from_pretrained(model_name)
-    except OSError as err:
-        if not os.path.isdir(model_name):
-            raise
-        # a local folder without preprocessor_config.json: the DiNAT checkpoints' ImageNet defaults
-        print(f"dinat: note: {model_name} has no preprocessor_config.json ({type(err).__name__}); using 224x224 "
-              "bicubic resize with ImageNet mean/std", file=sys.stderr)
-        processor = DinatImageProcessor(size=224, resample=3)
+    except (OSError, ValueError) as err:  # present but unreadable or corrupt: never silently replaced by defaults
+        from .cli import CliError
+
+        raise CliError(f"{model_name}: cannot use its preprocessor_config.json (corrupt or unreadable; the "
+                       f"defaults could preprocess at the wrong size): {err}") from None
     return model, processor
 
 
