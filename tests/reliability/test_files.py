@@ -489,9 +489,18 @@ def test_output_loading_info_reports_instead_of_raising(tmp_path):
     assert {"classifier.weight", "dinat.layernorm.weight"} <= set(info["missing_keys"])
 
 
-def test_unreadable_weights_file_is_permission_denied_not_missing(tmp_path):
-    folder = saved(tmp_path)
-    os.chmod(folder / "model.safetensors", 0)
+UNREADABLE = [
+    # case, what is made unreadable (relative to tmp_path), mode, message
+    ("weights file", "parent/ckpt/model.safetensors", 0, "model.safetensors: permission denied"),
+    ("checkpoint folder (not listable)", "parent/ckpt", 0o311, "permission denied"),
+    ("parent folder (not traversable)", "parent", 0, "permission denied for"),
+]
+
+
+@pytest.mark.parametrize("case, path, mode, message", UNREADABLE, ids=[r[0] for r in UNREADABLE])
+def test_unreadable_is_permission_denied_not_missing(tmp_path, case, path, mode, message):
+    folder = saved(tmp_path / "parent")
+    os.chmod(tmp_path / path, mode)
     code = textwrap.dedent(f"""
         from dinat import DinatForImageClassification
         try:
@@ -504,8 +513,11 @@ def test_unreadable_weights_file_is_permission_denied_not_missing(tmp_path):
         if shutil.which("setpriv") is None:
             pytest.skip("running as root without setpriv: cannot make a file unreadable")
         command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all", *command]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert "model.safetensors: permission denied" in result.stdout, result.stderr[-2000:]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        os.chmod(tmp_path / path, 0o755)
+    assert "PermissionError:" in result.stdout and message in result.stdout, (result.stdout, result.stderr[-2000:])
 
 
 # -------------------------------------------------------------------------------------------------
