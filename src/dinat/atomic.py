@@ -133,12 +133,15 @@ def replace_checkpoint(target: str | os.PathLike, owns: Callable[[str], bool] = 
 
 
 @contextlib.contextmanager
-def reading(folder: str | os.PathLike) -> Iterator[None]:
+def reading(folder, subfolder: str | None = None) -> Iterator[None]:
     """Hold a shared lock while reading a local checkpoint folder, so that no save swaps it meanwhile.
 
     Only where a writer of this library created the lock file; read-only locations are read unlocked.
     """
-    path = Path(os.path.realpath(folder))
+    if not isinstance(folder, (str, os.PathLike)):
+        yield
+        return
+    path = Path(os.path.realpath(os.path.join(folder, subfolder or "")))
     restore_interrupted(path)
     if fcntl is None or not path.is_dir():
         yield

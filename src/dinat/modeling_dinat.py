@@ -381,7 +381,7 @@ class DinatPreTrainedModel(PreTrainedModel):
         kwargs["key_mapping"] = {**NAT_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
         # a local folder is read under a shared lock: a concurrent save_pretrained never mixes into it
         with clear_loading_errors(pretrained_model_name_or_path, "model"), atomic.reading(
-                pretrained_model_name_or_path):
+                pretrained_model_name_or_path, kwargs.get("subfolder")):
             loaded = checked_from_pretrained(super().from_pretrained, pretrained_model_name_or_path, model_args,
                                              kwargs)
         # transformers re-applies the renamings it used when saving; a loaded NAT checkpoint saves as DiNAT

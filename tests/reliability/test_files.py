@@ -350,6 +350,15 @@ def _with_dtype(dtype):
     return make
 
 
+def _bin_of(make_safetensors):
+    def make(tmp_path):
+        folder = make_safetensors(tmp_path)
+        torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+        return folder
+    return make
+
+
 def _bin_file(content: bytes):
     def make(tmp_path):
         folder = saved(tmp_path)
@@ -423,6 +432,8 @@ LOAD_ERRORS = [
      WeightDtypeError, r"attention.self.rpb \(I64\)"),
     ("bool tensor for a float weight", _with_dtype(torch.bool), {}, DinatForImageClassification,
      WeightDtypeError, r"attention.self.rpb \(BOOL\)"),
+    ("int64 tensor in a pytorch_model.bin", _bin_of(_with_dtype(torch.int64)), {}, DinatForImageClassification,
+     WeightDtypeError, r"attention.self.rpb \(int64\)"),
     ("pytorch_model.bin of random bytes", _bin_file(bytes(random.Random(1).getrandbits(8) for _ in range(4096))),
      {}, DinatForImageClassification, CheckpointFileError, r"pytorch_model.bin: not a valid checkpoint"),
     ("pytorch_model.bin: pickle header, then garbage", _bin_file(b"\x80\x02" + b"\xff" * 500), {},
