@@ -126,11 +126,28 @@ def load_classifier(model_name: str, device=None, dtype=None):
     try:
         processor = DinatImageProcessor.from_pretrained(model_name)
     except (OSError, ValueError) as err:  # present but unreadable or corrupt: never silently replaced by defaults
+        found = _processor_file(model_name)
+        if found is None:
+            raise
         from .cli import CliError
 
-        raise CliError(f"{model_name}: cannot use its preprocessor_config.json (corrupt or unreadable; the "
+        raise CliError(f"{found}: cannot use this preprocessor_config.json (corrupt or unreadable; the "
                        f"defaults could preprocess at the wrong size): {err}") from None
     return model, processor
+
+
+def _processor_file(model_name: str) -> str | None:
+    """The checkpoint's preprocessor_config.json (local, or in the hub cache) if it exists, else None."""
+    if os.path.isdir(model_name):
+        path = os.path.join(model_name, "preprocessor_config.json")
+        return path if os.path.lexists(path) else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model_name, "preprocessor_config.json")
+    except Exception:  # not a valid hub id: there is no such file
+        return None
+    return found if isinstance(found, str) else None
 
 
 def predict(model, processor, images: list, top_k: int = 5, batch_size: int = 8) -> list[dict[str, Any]]:
@@ -268,8 +285,13 @@ def _processor_input_size(model_name: str) -> tuple[int, int] | None:
 
     try:
         return DinatImageProcessor.from_pretrained(model_name).input_size
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as err:
+        found = _processor_file(model_name)
+        if found is None:  # no processor config: the GFLOPs default to 224
+            return None
+        from .cli import CliError
+
+        raise CliError(f"{found}: cannot use this preprocessor_config.json (corrupt or unreadable): {err}") from None
 
 
 def count_macs(config, height: int, width: int) -> int:

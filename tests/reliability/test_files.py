@@ -556,6 +556,8 @@ CLI_ERRORS = [
     ("predict with a corrupt preprocessor_config.json",
      lambda t: ["predict", str(_image(t)), "-m", str(_corrupt_processor_config(t))],
      "preprocessor_config.json (corrupt or unreadable", "has no preprocessor_config.json"),
+    ("info with a corrupt preprocessor_config.json", lambda t: ["info", str(_corrupt_processor_config(t))],
+     "preprocessor_config.json (corrupt or unreadable", None),
     ("convert a folder", lambda t: ["convert", str(saved(t)), str(t / "out")], "is a folder", "does not exist"),
     ("convert random bytes", lambda t: ["convert", str(_write(t / "x.pth", os.urandom(2000))), str(t / "out")],
      "not a valid checkpoint", "would run code"),
