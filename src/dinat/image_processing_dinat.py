@@ -95,26 +95,28 @@ class DinatImageProcessor(BaseImageProcessor):
     ):
         # keys of other processors' configs (e.g. "feature_extractor_type", "image_processor_type") are dropped
         super().__init__()
-        self.do_resize = bool(do_resize)
+        self.do_resize = _flag(do_resize, "do_resize")
         self.size = _size_dict(224 if size is None else size, "size")
         self.resample = _resample(resample)
-        self.do_center_crop = bool(do_center_crop)
+        self.do_center_crop = _flag(do_center_crop, "do_center_crop")
         self.crop_size = None if crop_size is None else _size_dict(crop_size, "crop_size")
         if self.do_center_crop and self.crop_size is None:
             raise ValueError("DinatImageProcessor: do_center_crop=True needs crop_size")
-        if crop_pct is not None and not 0.0 < float(crop_pct) <= 1.0:
+        if crop_pct is not None and not 0.0 < _number(crop_pct, "crop_pct") <= 1.0:
             raise ValueError(f"DinatImageProcessor: crop_pct must be in (0, 1], got {crop_pct!r}")
         self.crop_pct = None if crop_pct is None else float(crop_pct)
         if self.crop_pct is not None and "height" not in self.size:
             raise ValueError("DinatImageProcessor: crop_pct needs a fixed output size ({'height', 'width'} or int)")
-        self.do_rescale = bool(do_rescale)
-        self.rescale_factor = float(rescale_factor)
-        self.do_normalize = bool(do_normalize)
+        self.do_rescale = _flag(do_rescale, "do_rescale")
+        self.rescale_factor = _number(rescale_factor, "rescale_factor")
+        if not self.rescale_factor > 0:
+            raise ValueError(f"DinatImageProcessor: rescale_factor must be positive, got {rescale_factor!r}")
+        self.do_normalize = _flag(do_normalize, "do_normalize")
         self.image_mean = _per_channel(IMAGENET_DEFAULT_MEAN if image_mean is None else image_mean, "image_mean")
         self.image_std = _per_channel(IMAGENET_DEFAULT_STD if image_std is None else image_std, "image_std")
         if any(s == 0 for s in self.image_std):
             raise ValueError(f"DinatImageProcessor: image_std must be non-zero, got {self.image_std}")
-        self.do_convert_rgb = bool(do_convert_rgb)
+        self.do_convert_rgb = _flag(do_convert_rgb, "do_convert_rgb")
 
     # -- configuration ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -553,12 +555,24 @@ def _resample(value) -> Image.Resampling:
 
 
 def _per_channel(value, name: str) -> list[float]:
-    if isinstance(value, (int, float)):
-        return [float(value)] * 3
-    values = [float(v) for v in value]
+    if not isinstance(value, (list, tuple)):
+        return [_number(value, name)] * 3
+    values = [_number(v, f"{name}[{i}]") for i, v in enumerate(value)]
     if not values:
         raise ValueError(f"DinatImageProcessor: {name} is empty")
     return values
+
+
+def _flag(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"DinatImageProcessor: {name} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, (bool, str)) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
+        raise ValueError(f"DinatImageProcessor: {name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _local_processor_files(name, kwargs: dict) -> list[str]:

@@ -317,3 +317,21 @@ def test_ambiguous_array_layout_is_read_as_transformers_reads_it():
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
     as_hwc = DinatImageProcessor(size=224, resample=3)(ambiguous.transpose(1, 2, 0), return_tensors="np")
     np.testing.assert_array_equal(ours, as_hwc["pixel_values"])  # taken as channels-first (3 channels, 50x3)
+
+
+PROCESSOR_SETTING_CASES = [  # (case, DinatImageProcessor keyword arguments, regex naming the setting)
+    ("flag as a string", dict(do_normalize="false"), r"do_normalize must be true or false"),
+    ("do_resize as a number", dict(do_resize=0), r"do_resize must be true or false"),
+    ("NaN in image_std", dict(image_std=[0.2, math.nan, 0.2]), r"image_std\[1\] must be a finite number"),
+    ("image_mean as a string", dict(image_mean="0.5"), r"image_mean must be a finite number"),
+    ("rescale_factor 0", dict(rescale_factor=0), r"rescale_factor must be positive"),
+    ("crop_pct as a string", dict(size=224, crop_pct="0.875"), r"crop_pct must be a finite number"),
+    ("size 0", dict(size=0), r"size\['height'\] must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize("settings, message", [c[1:] for c in PROCESSOR_SETTING_CASES],
+                         ids=[c[0] for c in PROCESSOR_SETTING_CASES])
+def test_bad_processor_settings_refused_naming_the_setting(settings, message):
+    with pytest.raises(ValueError, match=message):
+        DinatImageProcessor(**settings)
