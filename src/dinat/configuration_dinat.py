@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import json
 import inspect
+import json
 from typing import Any
 
 from huggingface_hub.errors import StrictDataclassError
