@@ -114,7 +114,7 @@ def validate_dinat_fields(config) -> None:
     for name in _BOOL_FIELDS:
         value = getattr(config, name, False)
         if not isinstance(value, bool):
-            _fail(name, "must be true or false (a JSON boolean, not a string or number)", value)
+            _fail(name, "must be True or False (JSON true / false, not a string or number)", value)
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
         _check_real(name, getattr(config, name), 0.0, 1.0)
     hidden_act = config.hidden_act
@@ -177,7 +177,7 @@ def validate_base_kwargs(kwargs: dict[str, Any]) -> None:
             _fail(name, f"must be one of {list(DTYPE_NAMES)}", value)
     for name in _BOOL_FIELDS:
         if name in kwargs and kwargs[name] is not None and not isinstance(kwargs[name], bool):
-            _fail(name, "must be true or false (a JSON boolean, not a string or number)", kwargs[name])
+            _fail(name, "must be True or False (JSON true / false, not a string or number)", kwargs[name])
 
 
 def estimated_parameters(config) -> int:

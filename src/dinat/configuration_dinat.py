@@ -167,8 +167,12 @@ class DinatConfig(PreTrainedConfig):
         # own fields to the constructor instead, and check the result once more
         if not isinstance(config_dict, dict):
             raise ConfigFileError(f"a DiNAT config must be a JSON object of settings, got {type(config_dict).__name__}")
-        own = [key for key in kwargs if key in _INIT_FIELDS]
-        config_dict = {**config_dict, **{key: kwargs.pop(key) for key in own}}
+        own = {key: kwargs.pop(key) for key in list(kwargs) if key in _INIT_FIELDS}
+        config_dict = dict(config_dict)
+        for given, implied in (("out_features", "out_indices"), ("out_indices", "out_features")):
+            if given in own and implied not in own:  # the file's choice of the other one no longer applies
+                config_dict.pop(implied, None)
+        config_dict.update(own)
         try:
             result = super().from_dict(config_dict, **kwargs)
         except StrictDataclassError as err:

@@ -565,7 +565,7 @@ def _per_channel(value, name: str) -> list[float]:
 
 def _flag(value, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"DinatImageProcessor: {name} must be true or false, got {value!r}")
+        raise ValueError(f"DinatImageProcessor: {name} must be True or False, got {value!r}")
     return bool(value)
 
 

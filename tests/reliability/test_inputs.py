@@ -59,8 +59,8 @@ CONFIG_CASES = [  # (case, DinatConfig keyword arguments, regex the ValueError m
     ("drop_path_rate 1", dict(drop_path_rate=1.0), r"drop_path_rate must be in \[0.0, 1.0\)"),
     ("dropout negative", dict(hidden_dropout_prob=-0.1), r"hidden_dropout_prob"),
     ("attention dropout NaN", dict(attention_probs_dropout_prob=math.nan), r"attention_probs_dropout_prob"),
-    ("bool as a string", dict(qkv_bias="false"), r"qkv_bias must be true or false"),
-    ("use_rpb as a number", dict(use_rpb=1), r"use_rpb must be true or false"),
+    ("bool as a string", dict(qkv_bias="false"), r"qkv_bias must be True or False"),
+    ("use_rpb as a number", dict(use_rpb=1), r"use_rpb must be True or False"),
     ("output_hidden_states as a string", dict(output_hidden_states="yes"), r"output_hidden_states"),
     ("dtype float13", dict(dtype="float13"), r"dtype must be one of"),
     ("torch_dtype float13", dict(torch_dtype="float13"), r"torch_dtype must be one of"),
@@ -320,8 +320,8 @@ def test_ambiguous_array_layout_is_read_as_transformers_reads_it():
 
 
 PROCESSOR_SETTING_CASES = [  # (case, DinatImageProcessor keyword arguments, regex naming the setting)
-    ("flag as a string", dict(do_normalize="false"), r"do_normalize must be true or false"),
-    ("do_resize as a number", dict(do_resize=0), r"do_resize must be true or false"),
+    ("flag as a string", dict(do_normalize="false"), r"do_normalize must be True or False"),
+    ("do_resize as a number", dict(do_resize=0), r"do_resize must be True or False"),
     ("NaN in image_std", dict(image_std=[0.2, math.nan, 0.2]), r"image_std\[1\] must be a finite number"),
     ("image_mean as a string", dict(image_mean="0.5"), r"image_mean must be a finite number"),
     ("rescale_factor 0", dict(rescale_factor=0), r"rescale_factor must be positive"),
