@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from dinat import DinatConfig, DinatForImageClassification, DinatImageProcessor
+from dinat.atomic import replace_checkpoint
 from dinat.training import autocast, parameter_groups
 
 # Preprocessing, saved as the model's image processor so that `dinat predict` does exactly what training did:
@@ -126,13 +126,11 @@ def train(model, pixels, labels, args) -> None:
 
 
 def save(model, output_dir: Path) -> None:
-    """save_pretrained into a temporary folder, renamed into place: an interrupted run leaves no half model."""
-    partial = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    image_processor().save_pretrained(partial)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    partial.rename(output_dir)
+    """Model and image processor staged beside output_dir and swapped in together (dinat.atomic): an interrupted
+    run leaves the previous model or the new one, complete."""
+    with replace_checkpoint(output_dir) as staging:
+        model.save_pretrained(staging)
+        image_processor().save_pretrained(staging)
 
 
 def check_processor(output_dir: Path, images: list[Image.Image], expected: torch.Tensor) -> None:

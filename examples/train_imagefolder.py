@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dinat import DinatConfig, DinatForImageClassification, DinatImageProcessor
+from dinat.atomic import replace_checkpoint
 from dinat.training import autocast, grad_scaler, parameter_groups
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -204,13 +204,11 @@ def main() -> None:
 
 
 def save(model, output_dir: Path, processor: DinatImageProcessor) -> None:
-    """Write beside the target, then swap it in: an interrupted save never leaves a broken model."""
-    staging = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    staging.rename(output_dir)
+    """Model and processor staged beside the target and swapped in together (dinat.atomic): an interrupted save
+    leaves the previous best model or the new one, complete."""
+    with replace_checkpoint(output_dir) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Any
 
 DTYPES = ("float32", "bfloat16")
@@ -99,25 +100,54 @@ def load_classifier(model_name: str, device=None, dtype=None):
     import torch
 
     from .image_processing_dinat import DinatImageProcessor
+    from .loading import LoadWarning
     from .modeling_dinat import DinatForImageClassification
 
     _quiet_transformers()
-    model = DinatForImageClassification.from_pretrained(model_name, dtype=dtype or torch.float32)
+    # what loading warns about (a newly initialized head, cast weights) is shown, not hidden by the quiet logs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = DinatForImageClassification.from_pretrained(model_name, dtype=dtype or torch.float32)
+    for warning in caught:
+        if issubclass(warning.category, LoadWarning):
+            print(f"dinat: warning: {warning.message}", file=sys.stderr)
+        else:  # others as Python would have shown them
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if not model.config.num_labels or model.config.num_labels < 1:
         from .cli import CliError
 
         raise CliError(f"{model_name} has no classification head (num_labels = 0)")
     model = model.to(device or "cpu").eval()
+    if os.path.isdir(model_name) and not os.path.lexists(os.path.join(model_name, "preprocessor_config.json")):
+        # a local folder without preprocessor_config.json: the DiNAT checkpoints' ImageNet defaults
+        print(f"dinat: note: {model_name} has no preprocessor_config.json; using 224x224 bicubic resize with "
+              "ImageNet mean/std", file=sys.stderr)
+        return model, DinatImageProcessor(size=224, resample=3)
     try:
         processor = DinatImageProcessor.from_pretrained(model_name)
-    except OSError as err:
-        if not os.path.isdir(model_name):
+    except (OSError, ValueError) as err:  # present but unreadable or corrupt: never silently replaced by defaults
+        found = _processor_file(model_name)
+        if found is None:
             raise
-        # a local folder without preprocessor_config.json: the DiNAT checkpoints' ImageNet defaults
-        print(f"dinat: note: {model_name} has no preprocessor_config.json ({type(err).__name__}); using 224x224 "
-              "bicubic resize with ImageNet mean/std", file=sys.stderr)
-        processor = DinatImageProcessor(size=224, resample=3)
+        from .cli import CliError
+
+        raise CliError(f"{found}: cannot use this preprocessor_config.json (corrupt or unreadable; the "
+                       f"defaults could preprocess at the wrong size): {err}") from None
     return model, processor
+
+
+def _processor_file(model_name: str) -> str | None:
+    """The checkpoint's preprocessor_config.json (local, or in the hub cache) if it exists, else None."""
+    if os.path.isdir(model_name):
+        path = os.path.join(model_name, "preprocessor_config.json")
+        return path if os.path.lexists(path) else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model_name, "preprocessor_config.json")
+    except Exception:  # not a valid hub id: there is no such file
+        return None
+    return found if isinstance(found, str) else None
 
 
 def predict(model, processor, images: list, top_k: int = 5, batch_size: int = 8) -> list[dict[str, Any]]:
@@ -255,8 +285,13 @@ def _processor_input_size(model_name: str) -> tuple[int, int] | None:
 
     try:
         return DinatImageProcessor.from_pretrained(model_name).input_size
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as err:
+        found = _processor_file(model_name)
+        if found is None:  # no processor config: the GFLOPs default to 224
+            return None
+        from .cli import CliError
+
+        raise CliError(f"{found}: cannot use this preprocessor_config.json (corrupt or unreadable): {err}") from None
 
 
 def count_macs(config, height: int, width: int) -> int:

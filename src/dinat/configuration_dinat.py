@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import json
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
+
+from .config_validation import (ConfigFileError, ConfigValueError, read_json_object, validate_base_kwargs,
+                                validate_dinat_fields, validate_size)
 
 # The paper's variants, as in the original repository (SHI-Labs/Neighborhood-Attention-Transformer).
 _DILATIONS_224 = [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1] * 5]
@@ -78,17 +84,18 @@ class DinatConfig(BackboneConfigMixin, PreTrainedConfig):
     ):
         for key in _DERIVED_KEYS:
             kwargs.pop(key, None)
-        if kwargs.pop("model_type", None) == "nat" and dilations is None:
+        if kwargs.pop("model_type", None) == "nat" and dilations is None and isinstance(depths, (list, tuple)):
             dilations = [[1] * depth for depth in depths]  # a NAT checkpoint: DiNAT without dilation
+        validate_base_kwargs(kwargs)  # before transformers builds labels or looks up a dtype from them
         self.patch_size = patch_size
         self.num_channels = num_channels
         self.embed_dim = embed_dim
-        self.depths = list(depths)
-        self.num_heads = list(num_heads)
+        self.depths = depths
+        self.num_heads = num_heads
         self.kernel_size = kernel_size
         if dilations is None:
             dilations = [[1, 8, 1], [1, 4, 1, 4], [1, 2, 1, 2, 1, 2], [1, 1, 1, 1, 1]]
-        self.dilations = [list(stage) for stage in dilations]
+        self.dilations = dilations
         self.mlp_ratio = mlp_ratio
         self.qkv_bias = qkv_bias
         self.hidden_dropout_prob = hidden_dropout_prob
@@ -102,63 +109,24 @@ class DinatConfig(BackboneConfigMixin, PreTrainedConfig):
         self.use_rpb = use_rpb  # False: no relative positional bias, for models trained from scratch
         self.na_backend = na_backend  # "auto", "torch", "flex" or "natten"; see dinat.ops.dispatch
         self._validate()
+        self.depths = list(self.depths)
+        self.num_heads = list(self.num_heads)
+        self.dilations = [list(stage) for stage in self.dilations]
         self.num_layers = len(self.depths)
         self.hidden_size = int(embed_dim * 2 ** (len(self.depths) - 1))  # width of the last stage
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
         # transformers' BackboneConfigMixin keeps, checks and aligns out_features / out_indices (and serializes them)
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
-        super().__init__(**kwargs)
+        try:
+            super().__init__(**kwargs)
+        except StrictDataclassError as err:  # transformers' type checks of its own fields (not a ValueError)
+            field = getattr(err, "field", None) or "config"
+            raise ConfigValueError(field, f"DinatConfig.{field}: {err}") from None
+        validate_size(self)
 
-    # -- validation -------------------------------------------------------------------------------
+    # -- validation (all checks live in dinat.config_validation) ------------------------------------
     def _validate(self) -> None:
-        def positive_int(name, value):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DinatConfig.{name} must be a positive integer, got {value!r}")
-
-        if self.patch_size != 4:
-            raise ValueError(f"DinatConfig.patch_size must be 4 (the patch embedding is two stride-2 convs, and "
-                             f"every released DiNAT checkpoint uses 4), got {self.patch_size!r}")
-        positive_int("num_channels", self.num_channels)
-        positive_int("embed_dim", self.embed_dim)
-        if isinstance(self.kernel_size, bool) or not isinstance(self.kernel_size, int) \
-                or self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"DinatConfig.kernel_size must be an odd integer >= 1, got {self.kernel_size!r}")
-        if not self.depths:
-            raise ValueError("DinatConfig.depths must name at least one stage")
-        for i, depth in enumerate(self.depths):
-            positive_int(f"depths[{i}]", depth)
-        if len(self.num_heads) != len(self.depths):
-            raise ValueError(f"DinatConfig.num_heads has {len(self.num_heads)} entries but depths has "
-                             f"{len(self.depths)}: give one head count per stage")
-        if len(self.dilations) != len(self.depths):
-            raise ValueError(f"DinatConfig.dilations has {len(self.dilations)} stages but depths has "
-                             f"{len(self.depths)}: give one list of dilations per stage")
-        for i, (depth, heads, stage_dilations) in enumerate(zip(self.depths, self.num_heads, self.dilations)):
-            positive_int(f"num_heads[{i}]", heads)
-            if len(stage_dilations) != depth:
-                raise ValueError(f"DinatConfig.dilations[{i}] has {len(stage_dilations)} values but depths[{i}] is "
-                                 f"{depth}: give one dilation per layer")
-            for j, dilation in enumerate(stage_dilations):
-                if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-                    raise ValueError(f"DinatConfig.dilations[{i}][{j}] must be an integer >= 1, got {dilation!r}")
-            width = self.embed_dim * 2 ** i
-            if width % heads:
-                raise ValueError(f"DinatConfig: stage {i} width {width} (embed_dim * 2**{i}) is not divisible by "
-                                 f"num_heads[{i}] = {heads}")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"DinatConfig.mlp_ratio must be positive, got {self.mlp_ratio!r}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"DinatConfig.{name} must be in [0, 1), got {value!r}")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"DinatConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
-        if self.layer_scale_init_value < 0:
-            raise ValueError(f"DinatConfig.layer_scale_init_value must be >= 0, got {self.layer_scale_init_value!r}")
-        if not isinstance(self.use_rpb, bool):
-            raise ValueError(f"DinatConfig.use_rpb must be True or False, got {self.use_rpb!r}")
-        if self.na_backend not in NA_BACKENDS:
-            raise ValueError(f"DinatConfig.na_backend must be one of {list(NA_BACKENDS)}, got {self.na_backend!r}")
+        validate_dinat_fields(self)
 
     # -- what save_pretrained writes ------------------------------------------------------------------
     def to_diff_dict(self) -> dict[str, Any]:
@@ -170,12 +138,54 @@ class DinatConfig(BackboneConfigMixin, PreTrainedConfig):
                 del output[key]
         return output
 
+    # -- reading: every path names the field, and the file or argument it came from ---------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "DinatConfig":
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except ConfigFileError:
+            raise  # already names the file
         except ValueError as err:
-            raise ValueError(f"{pretrained_model_name_or_path}: invalid DiNAT config.json: {err}") from None
+            field = getattr(err, "field", None)
+            if field is not None and field in kwargs:
+                raise ConfigValueError(field, f"DinatConfig.from_pretrained({str(pretrained_model_name_or_path)!r}, "
+                                              f"{field}=...): {err}") from None
+            raise ConfigValueError(field, f"{pretrained_model_name_or_path}: invalid DiNAT config.json: {err}") \
+                from None
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "DinatConfig":
+        # transformers sets keyword arguments as attributes after construction, past any check; pass DiNAT's
+        # own fields to the constructor instead, and check the result once more
+        if not isinstance(config_dict, dict):
+            raise ConfigFileError(f"a DiNAT config must be a JSON object of settings, got {type(config_dict).__name__}")
+        own = {key: kwargs.pop(key) for key in list(kwargs) if key in _INIT_FIELDS}
+        config_dict = dict(config_dict)
+        for given, implied in (("out_features", "out_indices"), ("out_indices", "out_features")):
+            if given in own and implied not in own:  # the file's choice of the other one no longer applies
+                config_dict.pop(implied, None)
+        config_dict.update(own)
+        try:
+            result = super().from_dict(config_dict, **kwargs)
+        except StrictDataclassError as err:
+            field = getattr(err, "field", None) or "config"
+            raise ConfigValueError(field, f"DinatConfig.{field}: {err}") from None
+        config = result[0] if isinstance(result, tuple) else result
+        config._validate()
+        return result
+
+    @classmethod
+    def from_json_file(cls, json_file) -> "DinatConfig":
+        try:
+            return super().from_json_file(json_file)
+        except (ConfigFileError, json.JSONDecodeError):
+            raise  # already name the file
+        except ValueError as err:
+            raise ConfigValueError(getattr(err, "field", None), f"{json_file}: invalid DiNAT config: {err}") from None
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file) -> dict[str, Any]:
+        return cls._decode_special_floats(read_json_object(json_file, "config.json"))
 
     # -- NAT checkpoints ------------------------------------------------------------------------------
     @classmethod
@@ -205,5 +215,7 @@ def nat_to_dinat_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
                                         for name in config_dict["architectures"]]
     return config_dict
 
+
+_INIT_FIELDS = frozenset(inspect.signature(DinatConfig.__init__).parameters) - {"self", "kwargs"}
 
 __all__ = ["DinatConfig", "PRESETS"]

@@ -4,24 +4,27 @@
 
 The original models use timm naming (`levels.0.blocks.1.attn.qkv.weight`, ...). The output folder has the
 layout of the hub checkpoints (`config.json`, `model.safetensors`, `preprocessor_config.json`) and loads
-with `DinatForImageClassification.from_pretrained`. Nothing is written unless every key maps; the folder
-appears only once complete (written beside it, then renamed), so an interrupted run never leaves one that loads.
+with `DinatForImageClassification.from_pretrained`. Nothing is written unless every key maps; the folder is
+written beside the target and swapped in by renames (dinat.atomic), so an interrupted run leaves the old folder
+or the new one, complete. An output folder that holds the checkpoint or the working directory is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickle
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from . import atomic
 from .configuration_dinat import _DILATIONS_384, PRESETS, DinatConfig
+from .loading import CheckpointFileError, _pickle_error, check_weights_file
 
 # ImageNet statistics and bicubic resizing: what the original models were trained with (timm defaults)
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -59,13 +62,22 @@ class ConversionError(ValueError):
 def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of an original checkpoint: a bare state dict, or one under `model` / `state_dict`."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise ConversionError(f"checkpoint {path} is a folder; give the .pth file (for a folder that "
+                              "from_pretrained loads there is nothing to convert)")
+    if not os.path.lexists(path):
         raise ConversionError(f"checkpoint {path} does not exist")
+    try:
+        check_weights_file(str(path))  # unreadable, corrupt, or no checkpoint at all: named before unpickling
+    except (CheckpointFileError, OSError) as err:
+        raise ConversionError(f"cannot read checkpoint: {err}") from None
     try:
         # training checkpoints may carry their argparse options; allow that one class, nothing else
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure means "not a checkpoint we can read safely"
+    except pickle.UnpicklingError as err:
+        raise ConversionError(f"cannot read checkpoint: {_pickle_error(str(path), err)}") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:  # torch's readers on a damaged file
         raise ConversionError(f"cannot read {path} as a PyTorch checkpoint: {str(err).splitlines()[0]}") from err
     if isinstance(checkpoint, dict):
         for key in ("model", "state_dict"):
@@ -213,6 +225,10 @@ def convert_checkpoint(checkpoint: str | Path, output_dir: str | Path, variant: 
     from .modeling_dinat import DinatForImageClassification  # the model is only needed to check and save
 
     output_dir = Path(output_dir)
+    try:  # before anything is read: the output must not hold the checkpoint or the working directory
+        atomic.check_target(output_dir, protect=[checkpoint])
+    except atomic.UnsafeTargetError as err:
+        raise ConversionError(str(err)) from None
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
         raise ConversionError(f"{output_dir} already exists and is not empty; choose another folder or --overwrite")
     # the bar is closed on errors too, so that an error message starts on its own line
@@ -261,28 +277,19 @@ def convert_checkpoint(checkpoint: str | Path, output_dir: str | Path, variant: 
         steps.set_postfix_str("writing")
         if image_size is None:
             image_size = 384 if variant is not None and variant.endswith("384") else 224  # the variant's training size
-        _write_atomically(output_dir, model, image_processor(image_size), overwrite)
+        _write_atomically(output_dir, model, image_processor(image_size), protect=[checkpoint])
         steps.update()
     return config
 
 
-def _write_atomically(output_dir: Path, model, processor, overwrite: bool) -> None:
-    """Write into a temporary folder beside output_dir, then rename it into place."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+def _write_atomically(output_dir: Path, model, processor, protect=()) -> None:
+    """Model and processor written together into a staging folder beside output_dir, then swapped in whole."""
     try:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        if output_dir.exists():
-            if not overwrite and (not output_dir.is_dir() or any(output_dir.iterdir())):
-                raise ConversionError(f"{output_dir} appeared while converting; nothing replaced")
-            if output_dir.is_dir():
-                shutil.rmtree(output_dir)
-            else:
-                output_dir.unlink()
-        staging.rename(output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with atomic.replace_checkpoint(output_dir, protect=protect) as staging:
+            model.save_pretrained(staging)
+            processor.save_pretrained(staging)
+    except atomic.UnsafeTargetError as err:
+        raise ConversionError(str(err)) from None
 
 
 # -------------------------------------------------------------------------------------------------

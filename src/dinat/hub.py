@@ -72,9 +72,29 @@ def clear_loading_errors(name: str | os.PathLike, what: str = "model",
     except CheckpointNotFoundError:
         raise
     except (OSError, ValueError) as err:
+        denied = _permission_denied(name)
+        if denied:
+            raise PermissionError(denied) from err
         if not _is_not_found(name, err, cache_dir):
             raise
         raise CheckpointNotFoundError(describe_missing(str(name), what, cache_dir)) from err
+
+
+def _permission_denied(name) -> str | None:
+    """A message when `name` is a local path that exists but cannot be reached or read by this user (os.path.exists
+    says False for those, which would read as "no such folder")."""
+    if not isinstance(name, (str, os.PathLike)):
+        return None
+    try:
+        os.stat(name)
+        if os.path.isdir(name):
+            os.listdir(name)
+    except PermissionError as err:
+        return (f"cannot load {os.fspath(name)!r}: permission denied for {err.filename or os.fspath(name)!r}: it "
+                "exists but this user cannot read it")
+    except OSError:
+        return None
+    return None
 
 
 def _is_not_found(name, err: Exception, cache_dir) -> bool:

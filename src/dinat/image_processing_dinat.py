@@ -10,17 +10,20 @@ shorter side to floor(size / crop_pct), then center crop to `size`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypedDict, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_utils import ChannelDimension, infer_channel_dimension_format
+
+from .config_validation import read_json_object
 
 IMAGENET_DEFAULT_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_DEFAULT_STD = [0.229, 0.224, 0.225]
@@ -30,6 +33,11 @@ ImageLike = Union[Image.Image, np.ndarray, "torch.Tensor", str, os.PathLike]  # 
 # PIL modes whose RGB conversion PIL does itself; the high-bit-depth modes are rescaled to 8 bits first.
 _PIL_RGB_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "La"}
 _RESAMPLE_NAMES = {r.name.lower(): r for r in Image.Resampling}
+
+# Bounds on what a setting or an odd image can ask for (one float32 RGB image at the bound is 0.8 GB).
+MAX_SIZE = 8192  # any side given in size / crop_size
+MAX_RESIZE_PIXELS = MAX_SIZE * MAX_SIZE  # the image after resizing (e.g. a 60000x1 strip to shortest_edge 224)
+_EXIF_ORIENTATION = 0x0112
 
 
 class DinatImagesKwargs(TypedDict, total=False):
@@ -87,26 +95,28 @@ class DinatImageProcessor(BaseImageProcessor):
     ):
         # keys of other processors' configs (e.g. "feature_extractor_type", "image_processor_type") are dropped
         super().__init__()
-        self.do_resize = bool(do_resize)
+        self.do_resize = _flag(do_resize, "do_resize")
         self.size = _size_dict(224 if size is None else size, "size")
         self.resample = _resample(resample)
-        self.do_center_crop = bool(do_center_crop)
+        self.do_center_crop = _flag(do_center_crop, "do_center_crop")
         self.crop_size = None if crop_size is None else _size_dict(crop_size, "crop_size")
         if self.do_center_crop and self.crop_size is None:
             raise ValueError("DinatImageProcessor: do_center_crop=True needs crop_size")
-        if crop_pct is not None and not 0.0 < float(crop_pct) <= 1.0:
+        if crop_pct is not None and not 0.0 < _number(crop_pct, "crop_pct") <= 1.0:
             raise ValueError(f"DinatImageProcessor: crop_pct must be in (0, 1], got {crop_pct!r}")
         self.crop_pct = None if crop_pct is None else float(crop_pct)
         if self.crop_pct is not None and "height" not in self.size:
             raise ValueError("DinatImageProcessor: crop_pct needs a fixed output size ({'height', 'width'} or int)")
-        self.do_rescale = bool(do_rescale)
-        self.rescale_factor = float(rescale_factor)
-        self.do_normalize = bool(do_normalize)
+        self.do_rescale = _flag(do_rescale, "do_rescale")
+        self.rescale_factor = _number(rescale_factor, "rescale_factor")
+        if not self.rescale_factor > 0:
+            raise ValueError(f"DinatImageProcessor: rescale_factor must be positive, got {rescale_factor!r}")
+        self.do_normalize = _flag(do_normalize, "do_normalize")
         self.image_mean = _per_channel(IMAGENET_DEFAULT_MEAN if image_mean is None else image_mean, "image_mean")
         self.image_std = _per_channel(IMAGENET_DEFAULT_STD if image_std is None else image_std, "image_std")
         if any(s == 0 for s in self.image_std):
             raise ValueError(f"DinatImageProcessor: image_std must be non-zero, got {self.image_std}")
-        self.do_convert_rgb = bool(do_convert_rgb)
+        self.do_convert_rgb = _flag(do_convert_rgb, "do_convert_rgb")
 
     # -- configuration ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -134,10 +144,38 @@ class DinatImageProcessor(BaseImageProcessor):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args,
                         **kwargs) -> "DinatImageProcessor":
         """Load `preprocessor_config.json` from a folder, a JSON file or a hub id (cached copies work offline)."""
+        from .config_validation import ConfigFileError
         from .hub import clear_loading_errors
 
         with clear_loading_errors(pretrained_model_name_or_path, "image processor"):
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            # a file that is there but corrupt is reported as corrupt (transformers would say "missing")
+            for path in _local_processor_files(pretrained_model_name_or_path, kwargs):
+                read_json_object(path, os.path.basename(path))
+            try:
+                return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            except (ConfigFileError, json.JSONDecodeError):
+                raise
+            except ValueError as err:
+                raise ValueError(f"{pretrained_model_name_or_path}: invalid preprocessor_config.json: {err}") from None
+
+    @classmethod
+    def from_json_file(cls, json_file: str | os.PathLike) -> "DinatImageProcessor":
+        settings = read_json_object(json_file, os.path.basename(json_file))
+        try:
+            return cls(**settings)
+        except ValueError as err:
+            raise ValueError(f"{json_file}: invalid image processor settings: {err}") from None
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """Write `preprocessor_config.json` atomically (dinat.atomic, issue 10): the folder's other files are kept,
+        a file path or a folder holding the working directory is refused."""
+        from . import atomic
+
+        if push_to_hub:  # transformers' upload path, unchanged
+            return super().save_pretrained(save_directory, push_to_hub=True, **kwargs)
+        with atomic.replace_checkpoint(save_directory, owns=atomic.processor_owns) as staging:
+            written = super().save_pretrained(staging, **kwargs)
+        return [os.path.join(save_directory, os.path.basename(name)) for name in written]
 
     @property
     def input_size(self) -> tuple[int, int] | None:
@@ -193,7 +231,8 @@ class DinatImageProcessor(BaseImageProcessor):
     # -- one image ------------------------------------------------------------------------------------
     def _process_one(self, image: ImageLike, where: str) -> np.ndarray:
         """One input -> (3, H, W) float32."""
-        channels, on_255, exact_uint8 = _decode(image, where, self.do_convert_rgb)
+        channels, on_255, exact_uint8, where = _decode(image, where, self.do_convert_rgb)
+        top = 255.0 if on_255 else 1.0  # resampling overshoot is clipped to this range, for every input type
         height, width = channels[0].shape
         if height == 0 or width == 0:
             raise ValueError(f"{where}: the image is empty ({width}x{height} pixels)")
@@ -205,7 +244,8 @@ class DinatImageProcessor(BaseImageProcessor):
                 new_h, new_w = _shortest_edge_size(height, width, math.floor(target_h / self.crop_pct))
             else:
                 new_h, new_w = math.floor(target_h / self.crop_pct), math.floor(target_w / self.crop_pct)
-            channels = _resize(channels, new_h, new_w, self.resample, exact_uint8)
+            _check_resize(where, height, width, new_h, new_w)
+            channels = _resize(channels, new_h, new_w, self.resample, exact_uint8, top)
             channels = [_center_crop(c, target_h, target_w) for c in channels]
         else:
             if self.do_resize:
@@ -213,7 +253,8 @@ class DinatImageProcessor(BaseImageProcessor):
                     new_h, new_w = _shortest_edge_size(height, width, self.size["shortest_edge"])
                 else:
                     new_h, new_w = self.size["height"], self.size["width"]
-                channels = _resize(channels, new_h, new_w, self.resample, exact_uint8)
+                _check_resize(where, height, width, new_h, new_w)
+                channels = _resize(channels, new_h, new_w, self.resample, exact_uint8, top)
             if self.do_center_crop:
                 channels = [_center_crop(c, self.crop_size["height"], self.crop_size["width"]) for c in channels]
 
@@ -248,14 +289,41 @@ def _is_batch_array(images) -> bool:
     return isinstance(ndim, int) and ndim == 4 and not isinstance(images, Image.Image)
 
 
-def _decode(image: ImageLike, where: str, convert_rgb: bool) -> tuple[list, bool, bool]:
-    """One input -> ((H, W) planes, values on the 0..255 scale (else [0, 1]), planes are exact uint8)."""
+def _decode(image: ImageLike, where: str, convert_rgb: bool) -> tuple[list, bool, bool, str]:
+    """One input -> ((H, W) planes, values on the 0..255 scale (else [0, 1]), planes are exact uint8, the input's
+    name for messages: "input 3", or "input 3 ('cat.jpg')" for a file)."""
     if isinstance(image, (str, os.PathLike)):
-        image = open_image(image, where)
+        image, where = open_image(image, where), f"{where} ({os.fspath(image)!r})"
     if isinstance(image, Image.Image):
-        return _pil_channels(image, where, convert_rgb)
+        _check_bomb(image, where)
+        return (*_pil_channels(exif_transpose(image), where, convert_rgb), where)
     array = _array_from(image, where)
-    return _array_channels(array, where, convert_rgb, channels_first=_is_torch(image))
+    return (*_array_channels(array, where, convert_rgb), where)
+
+
+def exif_transpose(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: rotated / mirrored by its EXIF Orientation tag, as transformers'
+    `load_image` does (PIL.ImageOps.exif_transpose); unchanged (no copy) when there is no such tag."""
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 (a damaged EXIF block: PIL's own exif_transpose would fail the same way)
+        return image
+    return image if orientation in (None, 1) else ImageOps.exif_transpose(image)
+
+
+class _BombRefused(ValueError):
+    pass
+
+
+def _check_bomb(image: Image.Image, where: str) -> None:
+    """Refuse to decode an image past PIL.Image.MAX_IMAGE_PIXELS, from its header size: PIL itself only warns
+    there, and a warnings filter set elsewhere in the process (another thread's catch_warnings) decides whether
+    that warning stops anything. Images already in memory (not from a file) are not limited."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit and isinstance(image, ImageFile.ImageFile) and width * height > limit:
+        raise _BombRefused(f"{where}: image is larger than PIL's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS "
+                           f"= {limit}): {width}x{height} = {width * height} pixels; raise that limit to read it")
 
 
 def open_image(path: str | os.PathLike, where: str = "image") -> Image.Image:
@@ -267,14 +335,14 @@ def open_image(path: str | os.PathLike, where: str = "image") -> Image.Image:
     if path.is_dir():
         raise ValueError(f"{label}: is a directory, not an image file")
     try:
-        with warnings.catch_warnings():
-            # past MAX_IMAGE_PIXELS PIL only warns (it raises past twice that): refuse both
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            image.load()  # decode now so a truncated file fails here, not later
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ValueError(f"{label}: image is larger than PIL's decompression-bomb limit "
-                         f"(PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}): {err}") from None
+        image = Image.open(path)  # reads the header only
+        _check_bomb(image, label)  # before decoding; independent of any warnings filter
+        image.load()  # decode now so a truncated file fails here, not later
+    except _BombRefused:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # PIL's own check, past 2x
+        raise _BombRefused(f"{label}: image is larger than PIL's decompression-bomb limit "
+                           f"(PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}): {err}") from None
     except UnidentifiedImageError:
         raise ValueError(f"{label}: not an image file PIL can read") from None
     except PermissionError:
@@ -292,6 +360,8 @@ def _pil_channels(image: Image.Image, where: str, convert_rgb: bool) -> tuple[li
     if mode.startswith("I") or mode == "F":
         # high-bit-depth grayscale: PIL's RGB conversion clips at 255, so map the value range instead
         values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError(f"{where}: image contains NaN or infinite pixel values ({_count_bad(values)})")
         if mode.startswith("I;16"):
             plane, on_255 = values / 257.0, True  # 0..65535 -> 0..255
         elif mode == "F" and values.size and 0.0 <= values.min() and values.max() <= 1.0:
@@ -329,18 +399,11 @@ def _array_from(image, where: str) -> np.ndarray:
                      "a torch tensor or a file path")
 
 
-def _array_channels(array: np.ndarray, where: str, convert_rgb: bool, channels_first: bool) -> tuple[list, bool, bool]:
+def _array_channels(array: np.ndarray, where: str, convert_rgb: bool) -> tuple[list, bool, bool]:
     if array.ndim == 2:
         array = array[None]
     elif array.ndim == 3:
-        first_ok, last_ok = array.shape[0] in (1, 3, 4), array.shape[-1] in (1, 3, 4)
-        if not (first_ok or last_ok):
-            raise ValueError(f"{where}: array of shape {array.shape} has no channel axis of size 1, 3 or 4 "
-                             "(expected (H, W, C) or (C, H, W))")
-        # torch tensors are channels-first by convention, numpy arrays channels-last; ambiguous shapes follow that
-        if (channels_first and first_ok) or not last_ok:
-            pass
-        else:
+        if _channel_axis(array, where) == ChannelDimension.LAST:
             array = np.moveaxis(array, -1, 0)
     else:
         raise ValueError(f"{where}: image array must be 2-D (H, W) or 3-D (H, W, C) / (C, H, W), "
@@ -353,7 +416,7 @@ def _array_channels(array: np.ndarray, where: str, convert_rgb: bool, channels_f
     elif np.issubdtype(array.dtype, np.floating):
         on_255 = False
         if not np.isfinite(array).all():
-            raise ValueError(f"{where}: float image contains NaN or infinity")
+            raise ValueError(f"{where}: image contains NaN or infinite pixel values ({_count_bad(array)})")
         lo, hi = float(array.min()), float(array.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"{where}: float images must hold values in [0, 1], got [{lo:.4g}, {hi:.4g}]; "
@@ -372,12 +435,38 @@ def _array_channels(array: np.ndarray, where: str, convert_rgb: bool, channels_f
     return planes, on_255, array.dtype == np.uint8
 
 
+def _channel_axis(array: np.ndarray, where: str) -> ChannelDimension:
+    """(C, H, W) or (H, W, C), decided as transformers' processors decide (1 or 3 channels; an ambiguous shape
+    such as (3, 5, 3) is taken as channels-first, with transformers' warning); then 4 channels (RGBA) likewise."""
+    for num_channels in ((1, 3), (4,)):
+        try:
+            return infer_channel_dimension_format(array, num_channels=num_channels)
+        except ValueError:
+            continue
+    raise ValueError(f"{where}: array of shape {array.shape} has no channel axis of size 1, 3 or 4 "
+                     "(expected (H, W, C) or (C, H, W))")
+
+
+def _count_bad(values: np.ndarray) -> str:
+    return f"{int(np.isnan(values).sum())} NaN, {int(np.isinf(values).sum())} infinite of {values.size}"
+
+
 # -------------------------------------------------------------------------------------------------
 # Geometry
 # -------------------------------------------------------------------------------------------------
-def _resize(planes: list, height: int, width: int, resample: Image.Resampling, exact_uint8: bool) -> list:
+def _check_resize(where: str, height: int, width: int, new_h: int, new_w: int) -> None:
+    if new_h * new_w > MAX_RESIZE_PIXELS:
+        raise ValueError(f"{where}: resizing this {width}x{height} image gives {new_w}x{new_h} = {new_w * new_h} "
+                         f"pixels, more than the limit of {MAX_RESIZE_PIXELS} (DinatImageProcessor's "
+                         "MAX_RESIZE_PIXELS); its aspect ratio is too extreme for this size setting")
+
+
+def _resize(planes: list, height: int, width: int, resample: Image.Resampling, exact_uint8: bool,
+            top: float) -> list:
     """Resize (H, W) planes with PIL. uint8 data takes PIL's 8-bit path, as transformers' ViT processor does
-    (an RGB image at once: PIL resamples each band alike); anything else is resized per plane in float mode "F"."""
+    (an RGB image at once: PIL resamples each band alike); anything else is resized per plane in float mode "F".
+    Either way the filter's overshoot is clipped to the input's range [0, top], as the 8-bit path does by its
+    nature, so uint8 and float copies of one image agree to rounding."""
     if planes[0].shape == (height, width):
         return planes
     if exact_uint8:
@@ -387,8 +476,22 @@ def _resize(planes: list, height: int, width: int, resample: Image.Resampling, e
             return [resized[:, :, c] for c in range(3)]
         return [np.asarray(Image.fromarray(np.ascontiguousarray(p)).resize(
             (width, height), resample=resample, reducing_gap=None)) for p in planes]
-    return [np.asarray(Image.fromarray(np.ascontiguousarray(p, dtype=np.float32)).resize(
-        (width, height), resample=resample, reducing_gap=None)) for p in planes]
+    return [_resize_float(p, height, width, resample, top) for p in planes]
+
+
+def _resize_float(plane: np.ndarray, height: int, width: int, resample: Image.Resampling, top: float) -> np.ndarray:
+    # PIL's 8-bit path resamples in two passes, rows first unless that would widen an image about to be made
+    # shorter, clipping after each; do the same in float so the two paths differ only by the 8-bit rounding
+    image = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))
+    old_w, old_h = image.size
+    passes = [(width, old_h), (width, height)]
+    if width > old_w and height < old_h:
+        passes = [(old_w, height), (width, height)]
+    for size in passes:
+        if image.size != size:
+            image = Image.fromarray(np.clip(np.asarray(image.resize(size, resample=resample, reducing_gap=None)),
+                                            0.0, top))
+    return np.asarray(image)
 
 
 def _shortest_edge_size(height: int, width: int, shortest: int) -> tuple[int, int]:
@@ -433,6 +536,9 @@ def _size_dict(size, name: str) -> dict[str, int]:
     for key, value in size.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"DinatImageProcessor: {name}[{key!r}] must be a positive integer, got {value!r}")
+        if value > MAX_SIZE:
+            raise ValueError(f"DinatImageProcessor: {name}[{key!r}] = {value} is larger than the limit of {MAX_SIZE} "
+                             "pixels (DinatImageProcessor's MAX_SIZE)")
     return size
 
 
@@ -449,12 +555,45 @@ def _resample(value) -> Image.Resampling:
 
 
 def _per_channel(value, name: str) -> list[float]:
-    if isinstance(value, (int, float)):
-        return [float(value)] * 3
-    values = [float(v) for v in value]
+    if not isinstance(value, (list, tuple)):
+        return [_number(value, name)] * 3
+    values = [_number(v, f"{name}[{i}]") for i, v in enumerate(value)]
     if not values:
         raise ValueError(f"DinatImageProcessor: {name} is empty")
     return values
 
 
-__all__ = ["DinatImageProcessor", "open_image"]
+def _flag(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"DinatImageProcessor: {name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, (bool, str)) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
+        raise ValueError(f"DinatImageProcessor: {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _local_processor_files(name, kwargs: dict) -> list[str]:
+    """The processor JSON files `from_pretrained(name)` would read, where they are already on disk (a file, a
+    folder, or a hub id's cached snapshot)."""
+    filenames = ("processor_config.json", kwargs.get("image_processor_filename", "preprocessor_config.json"))
+    name = os.fspath(name)
+    subfolder = kwargs.get("subfolder") or ""
+    if os.path.isfile(name):
+        return [name]
+    if os.path.isdir(name):
+        return [p for p in (os.path.join(name, subfolder, f) for f in filenames) if os.path.isfile(p)]
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = [try_to_load_from_cache(name, f if not subfolder else f"{subfolder}/{f}",
+                                         cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision"))
+                  for f in filenames]
+    except Exception:  # noqa: BLE001 (not a valid repo id: transformers reports it)
+        return []
+    return [p for p in cached if isinstance(p, str) and os.path.isfile(p)]
+
+
+__all__ = ["DinatImageProcessor", "MAX_RESIZE_PIXELS", "MAX_SIZE", "exif_transpose", "open_image"]

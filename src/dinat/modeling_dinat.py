@@ -24,7 +24,7 @@ from transformers.modeling_outputs import BackboneOutput
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from . import ops
+from . import atomic, ops
 from .configuration_dinat import DinatConfig
 from .loading import checked_from_pretrained
 
@@ -376,7 +376,9 @@ class DinatPreTrainedModel(PreTrainedModel):
 
         # DiNAT checkpoints have no `nat.` keys, so this renaming only ever touches NAT checkpoints
         kwargs["key_mapping"] = {**NAT_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
-        with clear_loading_errors(pretrained_model_name_or_path, "model"):
+        # a local folder is read under a shared lock: a concurrent save_pretrained never mixes into it
+        with clear_loading_errors(pretrained_model_name_or_path, "model"), atomic.reading(
+                pretrained_model_name_or_path, kwargs.get("subfolder")):
             loaded = checked_from_pretrained(super().from_pretrained, pretrained_model_name_or_path, model_args,
                                              kwargs)
         # transformers re-applies the renamings it used when saving; a loaded NAT checkpoint saves as DiNAT
@@ -386,6 +388,18 @@ class DinatPreTrainedModel(PreTrainedModel):
             model._weight_conversions = [c for c in conversions
                                          if list(getattr(c, "source_patterns", ())) != list(NAT_KEY_MAPPING)]
         return loaded
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, push_to_hub: bool = False,
+                        **kwargs) -> None:
+        """transformers' save_pretrained, written atomically (see dinat.atomic): the folder holds the old or the
+        new checkpoint at every instant, old weight files never survive (sharded over unsharded and back), other
+        files in it (preprocessor_config.json, README.md, ...) are kept. A file path or a folder holding the
+        working directory is refused with an error."""
+        if not is_main_process or push_to_hub:  # nothing written here / transformers' upload path, unchanged
+            return super().save_pretrained(save_directory, *args, is_main_process=is_main_process,
+                                           push_to_hub=push_to_hub, **kwargs)
+        with atomic.replace_checkpoint(save_directory, owns=atomic.model_owns) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
