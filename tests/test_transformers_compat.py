@@ -118,5 +118,5 @@ def test_config_common_tests():
     tester = ConfigTester(unittest.TestCase(), config_class=DinatConfig, has_text_modality=False, embed_dim=48,
                           common_properties=["patch_size", "num_channels"])
     tester.run_common_tests()
-    with pytest.raises(ValueError, match="not divisible by num_heads"):
+    with pytest.raises(ValueError, match=r"num_heads\[0\] = 2 does not divide"):
         DinatConfig(embed_dim=37)
