@@ -122,13 +122,26 @@ class NeighborhoodAttention(nn.Module):
             self.register_parameter("rpb", None)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
+    def _qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The query, key and value weights (and biases) joined into one projection. Joined once per weight
+        version where nothing needs gradients (the state dict keeps transformers' query/key/value keys)."""
+        parts = (self.query.weight, self.key.weight, self.value.weight)
+        biases = None if self.query.bias is None else (self.query.bias, self.key.bias, self.value.bias)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return torch.cat(parts), None if biases is None else torch.cat(biases)
+        every = parts + (biases or ())
+        version = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in every)
+        cached = self.__dict__.get("_joined_qkv")
+        if cached is None or cached[0] != version:
+            cached = (version, torch.cat(parts), None if biases is None else torch.cat(biases))
+            self.__dict__["_joined_qkv"] = cached
+        return cached[1], cached[2]
+
     def _project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v as (B, heads, H, W, head_dim) views of one matmul (the three weights joined at run time,
-        so the state dict keeps transformers' query/key/value keys)."""
+        """q, k, v as (B, heads, H, W, head_dim) views of one matmul."""
         batch, height, width, _ = hidden_states.shape
-        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
-        bias = None if self.query.bias is None else torch.cat((self.query.bias, self.key.bias, self.value.bias))
-        qkv = F.linear(hidden_states, weight, bias).view(batch, height, width, 3, self.num_heads, self.head_dim)
+        weight, bias = self._qkv_weights()
+        qkv = ops.linear(hidden_states, weight, bias).view(batch, height, width, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
         return q, k, v
 
@@ -183,6 +196,8 @@ class DinatIntermediate(nn.Module):
         self.intermediate_act_fn = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if getattr(self.intermediate_act_fn, "act", None) is F.gelu:  # transformers' "gelu": fused into the matmul
+            return ops.linear(hidden_states, self.dense.weight, self.dense.bias, gelu=True)
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
