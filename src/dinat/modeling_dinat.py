@@ -171,8 +171,9 @@ class NeighborhoodAttentionOutput(nn.Module):
         self.dense = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.dense(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """dropout(dense(x)), plus `residual` if given (then added inside the matmul where nothing is dropped)."""
+        return _dense_dropout_residual(self.dense, self.dropout, hidden_states, residual)
 
 
 class NeighborhoodAttentionModule(nn.Module):
@@ -181,9 +182,10 @@ class NeighborhoodAttentionModule(nn.Module):
         self.self = NeighborhoodAttention(config, dim, num_heads, kernel_size, dilation)
         self.output = NeighborhoodAttentionOutput(config, dim)
 
-    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False,
+                residual: torch.Tensor | None = None):
         context, weights = self.self(hidden_states, output_attentions)
-        return self.output(context), weights
+        return self.output(context, residual), weights
 
 
 # -------------------------------------------------------------------------------------------------
@@ -207,8 +209,17 @@ class DinatOutput(nn.Module):
         self.dense = nn.Linear(int(config.mlp_ratio * dim), dim)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.dense(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """dropout(dense(x)), plus `residual` if given (then added inside the matmul where nothing is dropped)."""
+        return _dense_dropout_residual(self.dense, self.dropout, hidden_states, residual)
+
+
+def _dense_dropout_residual(dense: nn.Linear, dropout: nn.Dropout, hidden_states: torch.Tensor,
+                            residual: torch.Tensor | None) -> torch.Tensor:
+    if residual is not None and not (dropout.training and dropout.p > 0):
+        return ops.linear(hidden_states, dense.weight, dense.bias, residual=residual)
+    out = dropout(dense(hidden_states))
+    return out if residual is None else residual + out
 
 
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
@@ -260,15 +271,23 @@ class DinatLayer(nn.Module):
         pad_h, pad_w = max(0, self.window_size - height), max(0, self.window_size - width)
         if pad_h or pad_w:
             hidden_states = F.pad(hidden_states, (0, 0, 0, pad_w, 0, pad_h))
-        attention_output, weights = self.attention(hidden_states, output_attentions)
-        if pad_h or pad_w:
-            attention_output = attention_output[:, :height, :width, :].contiguous()
+        # without layer scale, drop path or padding, each residual add runs inside its branch's last matmul
+        fuse_residual = self.layer_scale_parameters is None and not (self.drop_path.training and
+                                                                     self.drop_path.drop_prob > 0)
+        if fuse_residual and not (pad_h or pad_w):
+            hidden_states, weights = self.attention(hidden_states, output_attentions, residual=shortcut)
+        else:
+            attention_output, weights = self.attention(hidden_states, output_attentions)
+            if pad_h or pad_w:
+                attention_output = attention_output[:, :height, :width, :].contiguous()
+            if self.layer_scale_parameters is not None:
+                attention_output = self.layer_scale_parameters[0] * attention_output
+            hidden_states = shortcut + self.drop_path(attention_output)
 
-        if self.layer_scale_parameters is not None:
-            attention_output = self.layer_scale_parameters[0] * attention_output
-        hidden_states = shortcut + self.drop_path(attention_output)
-
-        mlp_output = self.output(self.intermediate(self.layernorm_after(hidden_states)))
+        mlp_input = self.intermediate(self.layernorm_after(hidden_states))
+        if fuse_residual:
+            return self.output(mlp_input, residual=hidden_states), weights
+        mlp_output = self.output(mlp_input)
         if self.layer_scale_parameters is not None:
             mlp_output = self.layer_scale_parameters[1] * mlp_output
         return hidden_states + self.drop_path(mlp_output), weights

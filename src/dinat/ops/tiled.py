@@ -108,16 +108,28 @@ def _write_tiles(dest: torch.Tensor, tiles: torch.Tensor, plan_h: AxisPlan, plan
 CHUNK_BYTES = 4 * 2**20
 
 
-def _chunks(q_tiles: torch.Tensor, halo_len: int):
-    """Index tuples cutting (B, h, gh, gw, nTh, ...) tiles along batch, then (if one item is too big) nTh."""
-    batch, n_rows = q_tiles.shape[0], q_tiles.shape[4]
-    per_item = q_tiles[0].numel() // q_tiles.shape[-1] * halo_len * q_tiles.element_size()
-    if per_item <= CHUNK_BYTES:
-        step = max(1, CHUNK_BYTES // per_item)
-        return [(slice(b, b + step),) for b in range(0, batch, step)]
-    step = max(1, n_rows * CHUNK_BYTES // per_item)
+def _chunks(q_tiles: torch.Tensor, halo_len: int) -> list[tuple[slice, slice, slice]]:
+    """(batch, heads, tile rows) slices cutting (B, h, gh, gw, nTh, ...) tiles into chunks of about CHUNK_BYTES
+    of scores: whole batch items, else single items by groups of heads (both contiguous slices, which the
+    matmuls read and write in place), else rows of tiles of one head."""
+    batch, heads, n_rows = q_tiles.shape[0], q_tiles.shape[1], q_tiles.shape[4]
+    per_head = q_tiles[0, 0].numel() // q_tiles.shape[-1] * halo_len * q_tiles.element_size()
     every = slice(None)
-    return [(slice(b, b + 1), every, every, every, slice(r, r + step)) for b in range(batch) for r in range(0, n_rows, step)]
+    if per_head * heads <= CHUNK_BYTES:
+        step = max(1, CHUNK_BYTES // (per_head * heads))
+        return [(slice(b, b + step), every, every) for b in range(0, batch, step)]
+    if per_head <= CHUNK_BYTES:
+        step = CHUNK_BYTES // per_head
+        return [(slice(b, b + 1), slice(h, h + step), every) for b in range(batch) for h in range(0, heads, step)]
+    step = max(1, n_rows * CHUNK_BYTES // per_head)
+    return [(slice(b, b + 1), slice(h, h + 1), slice(r, r + step))
+            for b in range(batch) for h in range(heads) for r in range(0, n_rows, step)]
+
+
+def _at(x: torch.Tensor, chunk: tuple[slice, slice, slice]) -> torch.Tensor:
+    """The chunk of a (B, h, gh, gw, nTh, ...) tensor; dims of size 1 (a broadcast bias) are taken whole."""
+    batch, heads, rows = (part if x.shape[dim] > 1 else slice(None) for dim, part in zip((0, 1, 4), chunk))
+    return x[batch, heads, :, :, rows]
 
 
 def _softmax_(x: torch.Tensor) -> torch.Tensor:
@@ -131,22 +143,21 @@ def _attend(q_tiles, k_halo, v_halo, bias, keep_probs: bool):
     """Dense attention of each tile against its halo, chunk by chunk; returns (probabilities or None, output)."""
     out = q_tiles.new_empty(q_tiles.shape[:-1] + v_halo.shape[-1:])
     probs = q_tiles.new_empty(q_tiles.shape[:-1] + k_halo.shape[-2:-1]) if keep_probs else None
-    for index in _chunks(q_tiles, k_halo.shape[-2]):
-        # batch chunks are contiguous slices: the matmuls write into them directly
-        direct = len(index) == 1
-        scores = torch.matmul(q_tiles[index], k_halo[index].transpose(-1, -2),
-                              out=probs[index] if keep_probs and direct else None)
+    for chunk in _chunks(q_tiles, k_halo.shape[-2]):
+        # contiguous chunks: the matmuls write into the outputs directly
+        direct = chunk[2] == slice(None)
+        scores = torch.matmul(_at(q_tiles, chunk), _at(k_halo, chunk).transpose(-1, -2),
+                              out=_at(probs, chunk) if keep_probs and direct else None)
         # in half precision too: converting the scores to float32 and back costs more than the softmax
         # (whose CPU kernel accumulates in float32 anyway)
-        scores = _softmax_(scores.add_(bias if direct else bias[(slice(None),) + index[1:]]))
+        scores = _softmax_(scores.add_(_at(bias, chunk)))
         if keep_probs and not direct:
-            probs[index] = scores
+            _at(probs, chunk).copy_(scores)
         if direct:
-            torch.matmul(scores, v_halo[index], out=out[index])
+            torch.matmul(scores, _at(v_halo, chunk), out=_at(out, chunk))
         else:
-            out[index] = torch.matmul(scores, v_halo[index])
+            _at(out, chunk).copy_(torch.matmul(scores, _at(v_halo, chunk)))
     return probs, out
-
 
 
 def _attend_backward(grad_out, q_tiles, k_halo, v_halo, probs, bias, out_tiles, plan_h, plan_w, scale, want_rpb):
@@ -161,24 +172,23 @@ def _attend_backward(grad_out, q_tiles, k_halo, v_halo, probs, bias, out_tiles, 
     heads = q_tiles.shape[1]
     score_grad_sum = (q_tiles.new_zeros((heads,) + q_tiles.shape[4:-1] + k_halo.shape[-2:-1], dtype=softmax_dtype)
                       if want_rpb else None)
-    for index in _chunks(q_tiles, k_halo.shape[-2]):
-        d_out = grad_tiles[index]
+    for chunk in _chunks(q_tiles, k_halo.shape[-2]):
+        d_out = _at(grad_tiles, chunk)
+        q_chunk, k_chunk = _at(q_tiles, chunk), _at(k_halo, chunk)
         if probs is not None:
-            p = probs[index]
+            p = _at(probs, chunk)
         else:  # the forward pass's scores and softmax, again (same ops, same values)
-            p = torch.matmul(q_tiles[index], k_halo[index].transpose(-1, -2))
-            p = _softmax_(p.add_(bias if len(index) == 1 else bias[(slice(None),) + index[1:]]))
-        grad_v[index] = torch.matmul(p.transpose(-1, -2), d_out)
-        grad_p = torch.matmul(d_out, v_halo[index].transpose(-1, -2))
+            p = _softmax_(torch.matmul(q_chunk, k_chunk.transpose(-1, -2)).add_(_at(bias, chunk)))
+        _at(grad_v, chunk).copy_(torch.matmul(p.transpose(-1, -2), d_out))
+        grad_p = torch.matmul(d_out, _at(v_halo, chunk).transpose(-1, -2))
         # softmax backward: dS = P * (dP - sum_j P_j dP_j), and sum_j P_j dP_j = dO . O per query
-        delta = (d_out.to(softmax_dtype) * out_tiles[index].to(softmax_dtype)).sum(dim=-1, keepdim=True)
+        delta = (d_out.to(softmax_dtype) * _at(out_tiles, chunk).to(softmax_dtype)).sum(dim=-1, keepdim=True)
         grad_s = grad_p.to(softmax_dtype).sub_(delta).mul_(p)
         if want_rpb:
-            rows = index[4] if len(index) > 1 else slice(None)
-            score_grad_sum[:, rows] += grad_s.sum(dim=(0, 2, 3))
+            score_grad_sum[chunk[1], chunk[2]] += grad_s.sum(dim=(0, 2, 3))
         grad_s = grad_s.to(q_tiles.dtype)
-        grad_q[index] = torch.matmul(grad_s, k_halo[index]).mul_(scale)
-        grad_k[index] = torch.matmul(grad_s.transpose(-1, -2), q_tiles[index])  # q_tiles are already scaled
+        _at(grad_q, chunk).copy_(torch.matmul(grad_s, k_chunk).mul_(scale))
+        _at(grad_k, chunk).copy_(torch.matmul(grad_s.transpose(-1, -2), q_chunk))  # q_tiles are already scaled
     grad_rpb = _rpb_grad(score_grad_sum, plan_h, plan_w) if want_rpb else None
     return grad_q, grad_k, grad_v, grad_rpb
 
