@@ -4,7 +4,7 @@ Layout is heads-first, as NATTEN 0.17: q, k, v are (batch, heads, height, width,
 weights are (batch, heads, height, width, kernel_size ** 2); rpb is (heads, 2K - 1, 2K - 1).
 
 `na2d` runs on one of several backends ("torch", "flex", "natten"; see `dispatch`), chosen per call or
-forced with `use_backend(name)` / the `backend` argument. The unfused pair always runs the torch backend.
+forced with `use_backend(name)` / the `backend` argument. The unfused pair always runs in pure PyTorch (`unfused`).
 """
 
 from __future__ import annotations

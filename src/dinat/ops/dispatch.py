@@ -8,9 +8,10 @@ Backends:
             `na2d_qk` / `na2d_av` RPB ops when NATTEN <= 0.17 is installed.
 
 Each backend is a module that owns `can_run(q, has_rpb, needs_grad)` (None, or the reason it cannot run the
-call) and its entry point `na2d`; this module walks them. The choice is made per call from the device, dtype, RPB and shape, unless a backend is forced by
-`use_backend(...)` (a context manager; wins) or by the model config's `na_backend`. Forcing a backend that
-cannot run raises a ValueError that says why. The reason for every choice is logged at debug level on the
+call) and its entry point `na2d`; this module walks them (as NATTEN's backends and their checks). The choice
+is made per call from the device, dtype, RPB and shape, unless a backend is forced by `use_backend(...)` (a
+context manager; wins) or by the model config's `na_backend`. Forcing a backend that cannot run raises a
+ValueError that says why. The reason for every choice is logged at debug level on the
 `dinat.ops` logger. NATTEN is imported only when it is asked about.
 """
 
