@@ -22,6 +22,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -216,7 +217,7 @@ def format_developer_tables(results: dict) -> str:
         stage_linear = {k[0]: v.pop("linear layers fp32 fwd") for k, v in list(lines.items())
                         if "linear layers fp32 fwd" in v and k[2] is None}
         lines = {k: v for k, v in lines.items() if k[2] is not None}
-        out += ["", f"Op level: na2d per backend, batch {s['op_batch']}, head_dim {HEAD_DIM}, K = {KERNEL}, "
+        out += ["", "### Op level", "", f"na2d per backend, batch {s['op_batch']}, head_dim {HEAD_DIM}, K = {KERNEL}, "
                 "with RPB; ms (median); the stage's linear layers (q/k/v, projection, MLP) for scale:", "",
                 "| stage | dilation | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
         shown = set()
@@ -231,7 +232,7 @@ def format_developer_tables(results: dict) -> str:
         sizes = list(dict.fromkeys(r["size"] for r in scaling))
         names = list(dict.fromkeys(r["model"] for r in scaling))
         base = {n: bench._find(scaling, model=n, size=sizes[0]) for n in names}
-        out += ["", f"Inference, batch 1, float32: ms per image (time per pixel relative to {sizes[0]}):", "",
+        out += ["", "### Resolution scaling", "", f"Inference, batch 1, float32: ms per image (time per pixel relative to {sizes[0]}):", "",
                 "| size | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for size in sizes:
             cells = []
@@ -242,14 +243,14 @@ def format_developer_tables(results: dict) -> str:
             out.append(f"| {size} | " + " | ".join(cells) + " |")
     memory = [r for r in rows if r["part"] == "memory"]
     if memory:
-        out += ["", "Training step (float32) peak memory, growth of the resident set in a fresh process:", "",
+        out += ["", "### Training-step peak memory", "", "Training step (float32) peak memory, growth of the resident set in a fresh process:", "",
                 "| model | batch | size | peak MiB |", "|---|---|---|---|"]
         out += [f"| {r['model']} | {r['batch']} | {r['size']} | "
                 f"{r['peak_memory_mib']:.0f} |" if "peak_memory_mib" in r else
                 f"| {r['model']} | {r['batch']} | {r['size']} | failed: {r['error']} |" for r in memory]
     reference = [r for r in rows if r["part"] == "reference"]
     if reference:
-        out += ["", "The reference stack (its own process, after the models part):", "",
+        out += ["", "### The reference stack", "", "The reference stack (its own process, after the models part):", "",
                 "| model | mode | images/s | this package's images/s (models part) | speed-up |",
                 "|---|---|---|---|---|"]
         for r in reference:
@@ -262,8 +263,8 @@ def format_developer_tables(results: dict) -> str:
 
 # -- command line ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = bench.configure(argparse.ArgumentParser(prog="python benchmarks/benchmark.py",
-                                                     description=__doc__.split("\n\n")[0]))
+    parser = bench.configure(argparse.ArgumentParser(prog="python benchmarks/benchmark.py", description=__doc__,
+                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.set_defaults(parts=",".join(DEFAULT_PARTS), output=Path("bench-results/benchmark.json"))
     parser.add_argument("--op-batch", type=int, default=8, help="batch of the op-level shapes")
     parser.add_argument("--op-dtypes", default="float32,bfloat16", help="op-level dtypes")
@@ -302,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark.py: error: {err}", file=sys.stderr)
         return 1
 
+    start = time.perf_counter()
+
     def progress(text):
-        print(text, file=sys.stderr, flush=True)
+        print(f"[{time.perf_counter() - start:4.0f} s] {text}", file=sys.stderr, flush=True)
 
     results = bench.run_benchmark(**kwargs, progress=progress)
     results["settings"].update(parts=parts, op_batch=args.op_batch, scaling_sizes=sizes,

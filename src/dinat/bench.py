@@ -333,11 +333,17 @@ def format_markdown(results: dict) -> str:
     rows, s = results["rows"], results["settings"]
     info = results["machine"]
     dinat, peers = s["dinat"], s["peers"]
+    load = " -> ".join(map(str, info.get("load_average", [])))
     out = [f"{info['cpu']}, {info['cores']} cores, {s['threads']} threads, torch {info['torch']}, transformers "
-           f"{info['transformers']}, {info['date']}; {s['rounds']} interleaved rounds, median (IQR in the JSON)."]
+           f"{info['transformers']}, {info['date']}, load average {load}; {s['rounds']} interleaved rounds, "
+           "median (IQR in the JSON)."]
+    if results.get("targets"):
+        out += ["", "### Targets", "", "| target | measured | goal | |", "|---|---|---|---|"]
+        for t in results["targets"]:
+            out.append(f"| {t['target']} | {t['value']:.2f}x | >= {t['goal']}x | {_met(t['met'])} |")
     gemm = {r["model"]: r for r in rows if r["part"] == "gemm"}
     if gemm:
-        out += ["", f"GEMM {GEMM_SIZE}x{GEMM_SIZE}: " + ", ".join(
+        out += ["", "### Side by side", "", f"GEMM {GEMM_SIZE}x{GEMM_SIZE}: " + ", ".join(
             f"{dtype} {r['gflop_per_s']:.0f} GFLOP/s" for dtype, r in gemm.items())]
     if any(r["part"] == "models" for r in rows):
         names = [dinat] + peers
@@ -355,14 +361,15 @@ def format_markdown(results: dict) -> str:
                        + f" | {_met(all(x >= TARGET_SPEEDUP for x in ratios)) if ratios else '-'} |")
         with_flops = [r for r in rows if r["part"] in ("models", "backbone") and "gemm_fraction" in r]
         if with_flops:
-            out += ["", "| model | mode | GFLOP / image | GFLOP/s | of the GEMM rate |", "|---|---|---|---|---|"]
+            out += ["", "### Fraction of the GEMM rate", "",
+                    "| model | mode | GFLOP / image | GFLOP/s | of the GEMM rate |", "|---|---|---|---|---|"]
             for r in with_flops:
                 mode = r["mode"] + (f" {r['size']}x{r['size']}" if r["part"] == "backbone" else "")
                 out.append(f"| {r['model']} | {mode} | {r['gflop_per_image']:.2f} | {r['gflop_per_s']:.0f} | "
                            f"{100 * r['gemm_fraction']:.0f}% ({r['gemm_dtype']}) |")
     compiled = [r for r in rows if r["part"] == "compile" and r.get("compiled")]
     if compiled:
-        out += ["", f"torch.compile (backend {compiled[0]['compile_backend']}), batch {s['batch']}, images/s:", "",
+        out += ["", "### torch.compile", "", f"torch.compile (backend {compiled[0]['compile_backend']}), batch {s['batch']}, images/s:", "",
                 "| model | mode | eager | compiled | compiled / eager | target >= 1 | compile time |",
                 "|---|---|---|---|---|---|---|"]
         for r in compiled:
@@ -370,8 +377,8 @@ def format_markdown(results: dict) -> str:
             ratio = r["images_per_s"] / eager["images_per_s"]
             out.append(f"| {r['contender']} | {r['mode']} | {eager['images_per_s']:.1f} | {r['images_per_s']:.1f} | "
                        f"{ratio:.2f}x | {_met(ratio >= 1.0)} | {r['compile_s']:.0f} s |")
-    for part, title in (("latency", f"Batch-1 latency, {s['size']}x{s['size']} (ms):"),
-                        ("backbone", f"Backbone inference, batch 1, {s['backbone_size']}x{s['backbone_size']}, "
+    for part, title in (("latency", f"### Batch-1 latency\n\nBatch 1, {s['size']}x{s['size']} (ms):"),
+                        ("backbone", f"### Backbone at detection sizes\n\nBackbone inference, batch 1, {s['backbone_size']}x{s['backbone_size']}, "
                                      "float32, all four stages' feature maps (ms):")):
         part_rows = [r for r in rows if r["part"] == part]
         if not part_rows:
@@ -386,22 +393,19 @@ def format_markdown(results: dict) -> str:
             ratios = [f"{found[i]['median_s'] / found[0]['median_s']:.2f}x" if found[i] and found[0] else "-"
                       for i in range(1, len(names))]
             out.append(f"| {mode} | " + " | ".join(cells + ratios) + " |")
-    if results.get("targets"):
-        out += ["", "| target | measured | goal | |", "|---|---|---|---|"]
-        for t in results["targets"]:
-            out.append(f"| {t['target']} | {t['value']:.2f}x | >= {t['goal']}x | {_met(t['met'])} |")
     return "\n".join(out)
 
 
 # -- running --------------------------------------------------------------------------------------------
 def run_benchmark(model: str = "mini", peers: list[str] = list(PEERS), parts: list[str] = list(PARTS),
                   batch: int = 8, size: int = 224, backbone_size: int = 1024, threads: int | None = None,
-                  rounds: int = 5, min_run_time: float = 1.0, compile_modes: list[str] = ("inference fp32",
+                  rounds: int = 3, min_run_time: float = 1.0, compile_modes: list[str] = ("inference fp32",
                   "training step fp32"), compile_peers: bool = False, compile_backend: str = "inductor",
                   progress: Callable[[str], None] = lambda _: None) -> dict:
     """Measure; returns {"machine", "settings", "rows", "targets", "compare"} (see the module docstring)."""
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
+    load_before = os.getloadavg()[0]
     mine = dinat_contender(model)
     others = [PEERS[p]() for p in peers]
     contenders = [mine] + others
@@ -435,7 +439,9 @@ def run_benchmark(model: str = "mini", peers: list[str] = list(PEERS), parts: li
     gemm_rates = {c.model: c.flops / m.median / 1e9 for c, m in measured if c.part == "gemm"}
     rows = [to_row(c, m, gemm_rates) for c, m in measured]
     compare = benchmark.Compare([m for c, m in measured if c.part != "gemm"])
-    return {"machine": machine(threads), "settings": settings, "rows": rows,
+    # the 1-minute load average before and after: on a shared machine, how quiet the run was
+    info = machine(threads) | {"load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    return {"machine": info, "settings": settings, "rows": rows,
             "targets": summarize(rows, mine.name, settings["peers"]), "compare": str(compare)}
 
 
@@ -458,7 +464,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=224, help="image side (default 224)")
     parser.add_argument("--backbone-size", type=int, default=1024, help="image side of the backbone part")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per part (default 5)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per part (default 3)")
     parser.add_argument("--min-run-time", type=float, default=1.0,
                         help="seconds each measurement of a round runs at least (blocked_autorange)")
     parser.add_argument("--compile-modes", default="inference fp32,training step fp32",
@@ -473,7 +479,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `dinat bench`."""
     parser = subparsers.add_parser("bench", help="DiNAT against ConvNeXt-T and Swin-T on this machine",
-                                   description=__doc__.split("\n\n")[0])
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     return configure(parser)
 
 
