@@ -22,10 +22,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 # (height, width, kernel, dilation, batch, heads, head_dim)
 SHAPES = [
-    (14, 14, 7, 1, 2, 2, 8),   # DiNAT's K=7: two tiles of 7 per axis
-    (13, 17, 3, 2, 1, 2, 8),   # uneven dilation groups on both axes
-    (16, 16, 7, 2, 1, 1, 8),   # groups of 8 x 8 with K=7
-    (21, 19, 5, 1, 1, 2, 8),   # partial last tiles
+    (14, 14, 7, 1, 2, 2, 16),   # DiNAT's K=7: two tiles of 7 per axis
+    (13, 17, 3, 2, 1, 2, 16),   # uneven dilation groups on both axes
+    (16, 16, 7, 2, 1, 1, 16),   # groups of 8 x 8 with K=7
+    (21, 19, 5, 1, 1, 2, 16),   # partial last tiles
 ]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 

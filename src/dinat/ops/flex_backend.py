@@ -33,6 +33,8 @@ def can_run(q: torch.Tensor, has_rpb: bool, needs_grad: bool) -> str | None:
         return f"torch {torch.__version__} has no torch.nn.attention.flex_attention (needs torch >= 2.5)"
     if needs_grad and q.device.type == "cpu":
         return f"torch {torch.__version__} has no flex-attention backward on CPU"
+    if q.device.type == "cuda" and q.shape[-1] < 16:
+        return f"compiled flex attention needs head_dim >= 16, got {q.shape[-1]}"
     return None
 
 

@@ -133,9 +133,10 @@ def _at(x: torch.Tensor, chunk: tuple[slice, slice, slice]) -> torch.Tensor:
 
 
 def _softmax_(x: torch.Tensor) -> torch.Tensor:
-    """Row softmax over the last dim, in place on CPU (its kernel reads each row before writing it)."""
+    """Row softmax over the last dim, in place (callers keep `x` as the probabilities). The CPU kernel reads each
+    row before writing it, so it can write over its input; elsewhere the result is copied back."""
     if x.device.type != "cpu":
-        return x.softmax(dim=-1)
+        return x.copy_(x.softmax(dim=-1))
     return torch.ops.aten._softmax.out(x, -1, False, out=x)
 
 
