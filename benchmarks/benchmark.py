@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference-rounds", type=int, default=2)
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
     parser.add_argument("--plot", type=Path, default=None, help="write the charts (PNG) into this folder")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="measure nothing: print the tables (and --markdown, --plot) of this results JSON")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     return parser
 
@@ -283,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.memory_child:
         print(_child_peak(*json.loads(args.memory_child)))
+        return 0
+    if args.report:
+        report(json.loads(args.report.read_text()), args.markdown, args.plot, print)
         return 0
     try:
         parts = bench.parse_list(args.parts, "parts", PARTS)
@@ -308,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     def progress(text):
         print(f"[{time.perf_counter() - start:4.0f} s] {text}", file=sys.stderr, flush=True)
 
-    results = bench.run_benchmark(**kwargs, progress=progress)
+    results = bench.run_benchmark(**kwargs, progress=progress,
+                                  checkpoint=lambda partial: bench.write(partial, args.output))
     results["settings"].update(parts=parts, op_batch=args.op_batch, scaling_sizes=sizes,
                                memory_batch=args.memory_batch)
     threads, rounds = results["settings"]["threads"], args.rounds
@@ -328,23 +334,30 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"{part}: {len(cases)} cases")
             measured = bench.run_rounds(cases, rounds, threads, min(args.min_run_time, 0.5), progress)
             results["rows"] += [bench.to_row(c, measured[c.key()], {}) for c in cases]
+            bench.write(results, args.output)
     if "memory" in parts:
         progress("memory: one fresh process per model")
         results["rows"] += memory_rows(args.model, kwargs["peers"], args.memory_batch, args.size, threads)
 
     bench.write(results, args.output)
-    tables = bench.format_markdown(results) + "\n" + format_developer_tables(results)
-    print(results["compare"] + "\n\n" + tables)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(tables + "\n")
-    if args.plot is not None:
-        import plot
-
-        for path in plot.plot_all(results, args.plot):
-            progress(f"wrote {path}")
+    print(results["compare"] + "\n")
+    report(results, args.markdown, args.plot, progress)
     progress(f"wrote {args.output}")
     return 0
+
+
+def report(results: dict, markdown: Path | None, plot_dir: Path | None, progress) -> None:
+    """Print the tables; write them to `markdown` and the charts into `plot_dir` where given."""
+    tables = bench.format_markdown(results) + "\n" + format_developer_tables(results)
+    print(tables)
+    if markdown:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(tables + "\n")
+    if plot_dir is not None:
+        import plot
+
+        for path in plot.plot_all(results, plot_dir):
+            progress(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,10 @@ def test_benchmark_runs_every_part_on_a_tiny_dinat(tmp_path):
     assert "| stage1 (56x56 x2 heads) | 8 |" in tables and "compiled / eager" in tables
     assert {p.name for p in charts.iterdir()} == {"performance_models.png", "performance_scaling.png"}
     assert all(p.read_bytes()[:8] == PNG for p in charts.iterdir())
-    # the charts script alone, on the JSON just written
+    # the tables again from the JSON alone, and the charts script alone
+    again = run("benchmark.py", "--report", str(output), "--markdown", str(tmp_path / "again.md"), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again.md").read_text() == tables
     again = run("plot.py", str(output), "--out-dir", str(tmp_path / "again"), "--prefix", "x", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "again" / "x_models.png").read_bytes()[:8] == PNG

@@ -401,8 +401,10 @@ def run_benchmark(model: str = "mini", peers: list[str] = list(PEERS), parts: li
                   batch: int = 8, size: int = 224, backbone_size: int = 1024, threads: int | None = None,
                   rounds: int = 3, min_run_time: float = 1.0, compile_modes: list[str] = ("inference fp32",
                   "training step fp32"), compile_peers: bool = False, compile_backend: str = "inductor",
-                  progress: Callable[[str], None] = lambda _: None) -> dict:
-    """Measure; returns {"machine", "settings", "rows", "targets", "compare"} (see the module docstring)."""
+                  progress: Callable[[str], None] = lambda _: None,
+                  checkpoint: Callable[[dict], None] = lambda _: None) -> dict:
+    """Measure; returns {"machine", "settings", "rows", "targets", "compare"} (see the module docstring).
+    `checkpoint` gets the results so far after each part (a long run interrupted keeps what it measured)."""
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     load_before = os.getloadavg()[0]
@@ -415,10 +417,20 @@ def run_benchmark(model: str = "mini", peers: list[str] = list(PEERS), parts: li
                 "training_step": "forward, cross-entropy, backward, SGD step (float32)"}
     measured: list[tuple[Case, benchmark.Measurement]] = []
 
+    def results_so_far() -> dict:
+        gemm_rates = {c.model: c.flops / m.median / 1e9 for c, m in measured if c.part == "gemm"}
+        rows = [to_row(c, m, gemm_rates) for c, m in measured]
+        compare = benchmark.Compare([m for c, m in measured if c.part != "gemm"])
+        # the 1-minute load average before and after: on a shared machine, how quiet the run was
+        info = machine(threads) | {"load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+        return {"machine": info, "settings": settings, "rows": rows,
+                "targets": summarize(rows, mine.name, settings["peers"]), "compare": str(compare)}
+
     def timed(cases):
         if cases:
             results = run_rounds(cases, rounds, threads, min_run_time, progress)
             measured.extend((c, results[c.key()]) for c in cases)
+            checkpoint(results_so_far())
 
     # the GEMM rate is measured in the same rounds as the models, so that it sees the same noise
     want_gemm = "gemm" in parts
@@ -436,13 +448,7 @@ def run_benchmark(model: str = "mini", peers: list[str] = list(PEERS), parts: li
         progress(f"backbone: {backbone_size}x{backbone_size}")
         timed(backbone_cases(contenders, backbone_size))
 
-    gemm_rates = {c.model: c.flops / m.median / 1e9 for c, m in measured if c.part == "gemm"}
-    rows = [to_row(c, m, gemm_rates) for c, m in measured]
-    compare = benchmark.Compare([m for c, m in measured if c.part != "gemm"])
-    # the 1-minute load average before and after: on a shared machine, how quiet the run was
-    info = machine(threads) | {"load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
-    return {"machine": info, "settings": settings, "rows": rows,
-            "targets": summarize(rows, mine.name, settings["peers"]), "compare": str(compare)}
+    return results_so_far()
 
 
 def parse_list(text: str, name: str, allowed=None, kind=str) -> list:
@@ -513,7 +519,8 @@ def write(results: dict, output: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     kwargs = options(args)
-    results = run_benchmark(**kwargs, progress=lambda text: print(text, file=sys.stderr, flush=True))
+    results = run_benchmark(**kwargs, progress=lambda text: print(text, file=sys.stderr, flush=True),
+                            checkpoint=lambda partial: write(partial, args.output))
     write(results, args.output)
     print(results["compare"])
     print()
