@@ -8,7 +8,12 @@ STAMP := $(VENV)/.installed-stamp
 NATTEN_VENV ?= .venv-natten
 NATTEN_STAMP := $(NATTEN_VENV)/.installed-stamp
 
-.PHONY: test test-natten demo venv clean
+# the reference stack for benchmarks/ (--reference-python): transformers 4.46.3 with NATTEN 0.17.5's CPU
+# kernels, compiled from source against the pinned torch (tens of minutes on 2 cores); not needed by `make test`
+REFERENCE_VENV ?= .venv-reference
+REFERENCE_STAMP := $(REFERENCE_VENV)/.installed-stamp
+
+.PHONY: test test-natten demo venv reference-venv clean
 
 venv: $(STAMP)
 
@@ -31,8 +36,18 @@ $(NATTEN_STAMP): pyproject.toml constraints.txt
 test-natten: $(NATTEN_STAMP)
 	$(NATTEN_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_backends.py
 
+reference-venv: $(REFERENCE_STAMP)
+
+$(REFERENCE_STAMP): constraints.txt
+	python3 -m venv $(REFERENCE_VENV)
+	$(REFERENCE_VENV)/bin/python -m pip install --quiet -c constraints.txt torch numpy pillow
+	# transformers 4.x is outside constraints.txt (which pins this package's 5.x); it does not pull torch
+	$(REFERENCE_VENV)/bin/python -m pip install --quiet transformers==4.46.3 cmake
+	$(REFERENCE_VENV)/bin/python -m pip install --quiet --no-build-isolation natten==0.17.5
+	touch $(REFERENCE_STAMP)
+
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
 clean:
-	rm -rf $(VENV) $(NATTEN_VENV) build src/*.egg-info
+	rm -rf $(VENV) $(NATTEN_VENV) $(REFERENCE_VENV) build src/*.egg-info

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dinat import DinatConfig, DinatForImageClassification, ops
-from dinat.ops import dispatch, torch_backend
+from dinat.ops import dispatch, plan, tiled, torch_backend, traced
 from reference_na import reference_na2d
 
 GPU_REASON = "no CUDA device here; GPU backends are tested on a GPU machine"
@@ -22,10 +22,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 # (height, width, kernel, dilation, batch, heads, head_dim)
 SHAPES = [
-    (14, 14, 7, 1, 2, 2, 8),   # DiNAT's K=7: two tiles of 7 per axis
-    (13, 17, 3, 2, 1, 2, 8),   # uneven dilation groups on both axes
-    (16, 16, 7, 2, 1, 1, 8),   # groups of 8 x 8 with K=7
-    (21, 19, 5, 1, 1, 2, 8),   # partial last tiles
+    (14, 14, 7, 1, 2, 2, 16),   # DiNAT's K=7: two tiles of 7 per axis
+    (13, 17, 3, 2, 1, 2, 16),   # uneven dilation groups on both axes
+    (16, 16, 7, 2, 1, 1, 16),   # groups of 8 x 8 with K=7
+    (21, 19, 5, 1, 1, 2, 16),   # partial last tiles
 ]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
@@ -88,20 +88,22 @@ def test_backend_backward_matches_reference(shape, backend, use_rpb, dtype, devi
         _close(got.cpu(), want, dtype, f"{backend} grad of {name}")
 
 
+@pytest.mark.parametrize("path", [torch_backend.na2d, traced.na2d], ids=["eager-kernel", "traced"])
 @pytest.mark.parametrize("tile", [3, 4, 5, 6, 8, 11, 40])
 @pytest.mark.parametrize("size", [(11, 23), (17, 12)])
-def test_torch_backend_every_tiling_matches_reference(size, tile):
-    # tiles that leave partial last tiles and halos clamped at both ends, forward and backward
+def test_torch_backend_every_tiling_matches_reference(size, tile, path):
+    # tiles that leave partial last tiles and halos clamped at both ends, forward and backward; the eager
+    # kernel and the traced (export) path read the same plan
     shape = (*size, 5, 1, 1, 2, 4)
     q, k, v, rpb = _inputs(shape, torch.float64, "cpu", seed=2)
     leaves = [t.requires_grad_() for t in (q, k, v, rpb)]
     expected, _ = reference_na2d(q, k, v, 5, 1, rpb)
-    fits = [torch_backend._tile_fits(length, 5, tile) for length in size]
+    fits = [plan.tile_fits(length, 5, tile) for length in size]
     if not all(fits):
         with pytest.raises(ValueError, match="does not fit"):
-            torch_backend.na2d(q, k, v, (5, 5), (1, 1), rpb=rpb, tile=tile)
+            path(q, k, v, (5, 5), (1, 1), rpb=rpb, tile=tile)
         return
-    out = torch_backend.na2d(q, k, v, (5, 5), (1, 1), rpb=rpb, tile=tile)
+    out = path(q, k, v, (5, 5), (1, 1), rpb=rpb, tile=tile)
     grad_out = torch.randn_like(out)
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
     for got, want in zip(torch.autograd.grad(out, leaves, grad_out), torch.autograd.grad(expected, leaves, grad_out)):
@@ -111,7 +113,7 @@ def test_torch_backend_every_tiling_matches_reference(size, tile):
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, 10**9], ids=["tile-rows", "batch-items", "whole"])
 def test_torch_backend_chunking_matches_reference(monkeypatch, chunk_bytes):
     # the scores are computed in chunks (batch items, or rows of tiles when one item is too big)
-    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(tiled, "CHUNK_BYTES", chunk_bytes)
     shape = (20, 18, 5, 2, 3, 2, 4)
     q, k, v, rpb = _inputs(shape, torch.float64, "cpu", seed=4)
     leaves = [t.requires_grad_() for t in (q, k, v, rpb)]

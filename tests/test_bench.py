@@ -1,28 +1,69 @@
-"""`dinat bench`: the command runs, writes what it says, and rejects bad options in one line.
+"""`dinat bench`: it runs end to end, writes what it says, counts FLOPs right, rejects bad options in one line.
 
 No timing is asserted here: performance numbers live in docs/performance.md.
 """
 
 import json
 
+import pytest
+
+from dinat import bench
 from dinat.cli import main
 
+# Multiply-accumulates per 224x224 image, as the papers report them (DiNAT: arXiv 2209.15001, Table 2;
+# ConvNeXt-T: arXiv 2201.03545; Swin-T: arXiv 2103.14030): an independent check of the FLOP counting
+# that the "fraction of the GEMM rate" rests on, including the NA op's nominal cost.
+PAPER_GMAC = {"DiNAT-mini": 2.7, "DiNAT-tiny": 4.3, "ConvNeXt-T": 4.5, "Swin-T": 4.5}
 
-def test_bench_scaling_part_writes_json_and_chart(tmp_path, capsys):
-    output, plot = tmp_path / "bench.json", tmp_path / "scaling.png"
-    code = main(["bench", "--parts", "scaling", "--sizes", "64,96", "--repeat", "1", "--threads", "1",
-                 "--output", str(output), "--plot", str(plot)])
+
+def test_forward_flops_match_the_papers():
+    contenders = [bench.dinat_contender("mini"), bench.dinat_contender("tiny")] + [p() for p in bench.PEERS.values()]
+    for contender in contenders:
+        gmac = bench.forward_flops(bench._seeded(contender.classifier), 224) / 2e9
+        assert gmac == pytest.approx(PAPER_GMAC[contender.name], rel=0.03), contender.name
+
+
+def test_dinat_bench_runs_side_by_side_and_writes_json(tmp_path, capsys):
+    output = tmp_path / "bench.json"
+    code = main(["bench", "--parts", "gemm,models,latency,backbone", "--batch", "1", "--size", "224",
+                 "--backbone-size", "224", "--rounds", "1", "--min-run-time", "0.01", "--threads", "1",
+                 "--output", str(output)])
     assert code == 0
     results = json.loads(output.read_text())
-    assert [row["size"] for row in results["rows"]] == [64, 96]
-    assert all(row["ms_per_image"] > 0 for row in results["rows"])
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| 96 |" in capsys.readouterr().out
+    names = ["DiNAT-mini", "ConvNeXt-T", "Swin-T"]
+    assert results["settings"]["dinat"] == "DiNAT-mini" and results["settings"]["peers"] == names[1:]
+    for part, modes in (("models", bench.MODES), ("latency", bench.MODES[:2]),
+                        ("backbone", ("backbone inference fp32",))):
+        for mode in modes:
+            for name in names:
+                row = bench._find(results["rows"], part=part, mode=mode, model=name)
+                assert row is not None and row["images_per_s"] > 0, (part, mode, name)
+    assert {r["model"] for r in results["rows"] if r["part"] == "gemm"} == {"float32", "bfloat16"}
+    row = bench._find(results["rows"], part="models", mode="training step fp32", model="ConvNeXt-T")
+    assert row["gemm_dtype"] == "float32" and 0 < row["gemm_fraction"]
+    # a training step is counted as three forward passes
+    inference = bench._find(results["rows"], part="models", mode="inference fp32", model="ConvNeXt-T")
+    assert row["gflop_per_image"] == pytest.approx(3 * inference["gflop_per_image"])
+    # one target per mode and peer, each the ratio of the two rows it names
+    assert len(results["targets"]) == len(bench.MODES) * 2
+    for target in results["targets"]:
+        mode, peer = target["target"].split(", ")[1], target["target"].split(" / ")[1].split(",")[0]
+        mine = bench._find(results["rows"], part="models", mode=mode, model="DiNAT-mini")
+        theirs = bench._find(results["rows"], part="models", mode=mode, model=peer)
+        assert target["value"] == pytest.approx(mine["images_per_s"] / theirs["images_per_s"])
+        assert target["met"] == (target["value"] >= bench.TARGET_SPEEDUP)
+    out = capsys.readouterr().out
+    assert "| inference bf16 autocast |" in out and "DiNAT-mini / Swin-T" in out and "1.4x target" in out
 
 
-def test_bench_bad_options_are_one_line_errors(capsys):
-    assert main(["bench", "--parts", "everything"]) == 1
+@pytest.mark.parametrize("argv, message", [
+    (["--parts", "everything"], "--parts must be"),
+    (["--model", "huge"], "--model must be a DiNAT preset"),
+    (["--peers", "resnet-50"], "--peers must be"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--compile-modes", "fast"], "--compile-modes must be"),
+])
+def test_bad_options_are_one_line_errors(argv, message, capsys):
+    assert main(["bench", *argv]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("dinat bench: error: --parts must be") and "\n" not in err
-    assert main(["bench", "--models", "huge"]) == 1
-    assert "--models must be" in capsys.readouterr().err
+    assert err.startswith("dinat bench: error: ") and message in err and "\n" not in err

@@ -51,14 +51,14 @@ def test_fused_matches_reference_forward_backward(shape, use_rpb):
 
 @pytest.mark.parametrize("shape", EDGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_traced_path_matches_reference(shape):
-    # the plain differentiable version that torch.compile / torch.export run instead of the eager Function
-    from dinat.ops.torch_backend import _na2d_traceable
+    # the plain differentiable version that torch.export runs instead of the eager kernel's custom op
+    from dinat.ops.traced import na2d as traced_na2d
 
     kernel, dilation = shape[2], shape[3]
     q, k, v, rpb = _inputs(shape, seed=2)
     leaves = [t.requires_grad_() for t in (q, k, v, rpb)]
     expected, _ = reference_na2d(q, k, v, kernel, dilation, rpb)
-    out = _na2d_traceable(q, k, v, (kernel, kernel), (dilation, dilation), rpb=rpb)
+    out = traced_na2d(q, k, v, (kernel, kernel), (dilation, dilation), rpb=rpb)
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
     grad_out = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, leaves, grad_out),
@@ -139,3 +139,15 @@ def test_bad_input_errors(call, message):
     q = torch.randn(1, 2, 8, 8, 4)
     with pytest.raises(ValueError, match=message):
         call(q)
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep-probabilities"])
+def test_custom_op_passes_opcheck(keep):
+    # torch.compile calls the eager kernel through the custom op `dinat::na2d`: its fake (shape-only) version,
+    # its registered autograd and its schema must agree with the kernel (strides included)
+    import dinat.ops.torch_backend  # noqa: F401  (registers the ops)
+
+    q, k, v, rpb = _inputs((9, 10, 3, 2, 2, 2, 4), seed=3)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), rpb.requires_grad_(), [3, 3], [2, 2],
+            0.5, [0, 0], keep)
+    torch.library.opcheck(torch.ops.dinat.na2d.default, args)

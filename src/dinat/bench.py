@@ -1,16 +1,21 @@
-"""`dinat bench` / `python -m dinat.bench`: neighborhood-attention and DiNAT throughput on this machine.
+"""`dinat bench`: DiNAT beside the backbones users pick instead, measured side by side on this machine.
 
-Three parts, each printed as a markdown table and written together as JSON:
-  ops      na2d per available backend and peer (NATTEN >= 0.20 `na2d`, without RPB), float32 and bfloat16,
-           forward and forward+backward, at the four stage shapes of DiNAT-mini at 224; plus the stage-1
-           layer's linear layers (q/k/v, proj, MLP) for comparison.
-  models   DiNAT-mini and -tiny at 224, batch 1 and 8: inference float32 and bfloat16 autocast, a training
-           step (forward, cross-entropy, backward, SGD step), and the training step's peak memory.
-  scaling  DiNAT-mini inference time per image at 224 .. 1024 (with `--plot FILE.png`, a chart).
+DiNAT (a preset or a config file) and transformers' ConvNeXt-T and Swin-T (their config defaults), random
+weights, one process, the same batch, resolution, threads and dtype. Parts (`--parts`):
 
-Each timing is the median of `--repeat` runs after a warm-up (the best run is kept too). Peak memory is
-the peak resident set of a fresh subprocess during its second training step, less its resident set before
-the first (Linux /proc).
+  models    inference float32, inference bfloat16 autocast and a float32 training step (forward,
+            cross-entropy, backward, SGD step): images/s, DiNAT / peer and the 1.4x target
+  gemm      a 2048x2048 matmul in float32 and bfloat16 (this machine's GEMM rate) and each model's FLOPs
+            (torch.utils.flop_counter): the fraction of the GEMM rate each model reaches
+  compile   torch.compile against eager, inference and training step, in the same rounds
+  latency   batch-1 inference, float32 and bfloat16 autocast
+  backbone  backbone inference (the four stages' feature maps) at detection sizes (--backbone-size)
+
+Timing uses torch.utils.benchmark: a Timer per measurement with --threads, `blocked_autorange` (its
+block-size estimate is the warm-up). Every part runs in rounds; each round measures every model once,
+in a rotating order, so that noise on a shared machine hits all of them alike. Reported: the median over
+all rounds' blocks and its interquartile range. Developer tooling (op level, resolution scaling, memory,
+the reference stack, charts) lives in the repository's benchmarks/ folder.
 """
 
 from __future__ import annotations
@@ -19,48 +24,252 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch.utils import benchmark
+from torch.utils.flop_counter import FlopCounterMode
 
-from . import ops
 from .configuration_dinat import PRESETS, DinatConfig
-from .modeling_dinat import DinatForImageClassification
-from .ops import dispatch
 
-# DiNAT-mini at 224: (name, height = width, heads, dilations used in the stage); head_dim 32, K = 7
-MINI_STAGES = [("stage1", 56, 2, (1, 8)), ("stage2", 28, 4, (1, 4)), ("stage3", 14, 8, (1, 2)), ("stage4", 7, 16, (1,))]
-HEAD_DIM, KERNEL = 32, 7
-RESOLUTIONS = (224, 384, 512, 768, 1024)
-# the reference stack (transformers 4.46.3 + NATTEN 0.17.5 CPU kernels) measured on this kind of 2-core
-# machine, DiNAT-mini 224 batch 8 float32 (from the project's issue); used only when it is not installed
-REFERENCE_IMAGES_PER_S = {"inference_fp32": 0.42, "train_fp32": 0.15}
+PARTS = ("gemm", "models", "compile", "latency", "backbone")
+TARGET_SPEEDUP = 1.4  # DiNAT images/s over each peer's, per mode of the models part (issue 9)
+GEMM_SIZE = 2048
+STAGES = ["stage1", "stage2", "stage3", "stage4"]
+MODES = ("inference fp32", "inference bf16 autocast", "training step fp32")
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-_clock = time.perf_counter
+# -- the models ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Contender:
+    """A model family to measure: a display name and how to build its classifier and its backbone."""
+
+    name: str
+    classifier: Callable[[], torch.nn.Module]
+    backbone: Callable[[], torch.nn.Module]
 
 
-def measure(fn: Callable[[], object], repeat: int, warmup: int = 1) -> dict[str, float]:
-    """Median and best time (seconds; wall clock, or this process's CPU time with --clock cpu) of `repeat`
-    calls after `warmup` calls."""
-    for _ in range(warmup):
+def dinat_contender(model: str) -> Contender:
+    """DiNAT from a preset name ("mini") or a DinatConfig JSON file / folder (your own variant)."""
+    from .modeling_dinat import DinatBackbone, DinatForImageClassification
+
+    if model in PRESETS:
+        def config(**kw):
+            return DinatConfig.from_preset(model, **kw)
+        name = f"DiNAT-{model}"
+    elif Path(model).exists():
+        def config(**kw):
+            return DinatConfig.from_pretrained(model, **kw)
+        name = f"DiNAT ({Path(model).name})"
+    else:
+        raise ValueError(f"--model must be a DiNAT preset ({', '.join(PRESETS)}) or a config file, got {model!r}")
+    return Contender(name, lambda: DinatForImageClassification(config(num_labels=1000)),
+                     lambda: DinatBackbone(config(out_features=STAGES)))
+
+
+def _convnext() -> Contender:
+    from transformers import ConvNextBackbone, ConvNextConfig, ConvNextForImageClassification
+
+    def backbone():
+        config = ConvNextConfig(out_features=STAGES)
+        config.hidden_sizes = list(config.hidden_sizes)  # transformers 5.24's backbone adds it to a list
+        return ConvNextBackbone(config)
+
+    return Contender("ConvNeXt-T", lambda: ConvNextForImageClassification(ConvNextConfig(num_labels=1000)), backbone)
+
+
+def _swin() -> Contender:
+    from transformers import SwinBackbone, SwinConfig, SwinForImageClassification
+
+    return Contender("Swin-T", lambda: SwinForImageClassification(SwinConfig(num_labels=1000)),
+                     lambda: SwinBackbone(SwinConfig(out_features=STAGES)))
+
+
+# transformers' defaults of these configs are the -tiny variants (the paper's 4.5 GMAC peers)
+PEERS: dict[str, Callable[[], Contender]] = {"convnext-tiny": _convnext, "swin-tiny": _swin}
+
+
+def _seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build()
+
+
+# -- timing -----------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    """One thing to time: `fn` runs once per call and processes `batch` images."""
+
+    part: str
+    mode: str
+    model: str
+    batch: int
+    size: int
+    fn: Callable[[], object]
+    flops: float | None = None  # per call (FlopCounterMode), for the fraction of the GEMM rate
+    gemm_dtype: str = "float32"  # the GEMM rate it is compared with
+    extra: dict = field(default_factory=dict)
+
+    def key(self) -> tuple[str, str, str]:
+        return self.part, self.mode, self.model
+
+
+def run_rounds(cases: list[Case], rounds: int, threads: int, min_run_time: float,
+               progress: Callable[[str], None] = lambda _: None) -> dict[tuple, benchmark.Measurement]:
+    """Time every case once per round, rotating the order each round; merge each case's rounds."""
+    collected: dict[tuple, list[benchmark.Measurement]] = {case.key(): [] for case in cases}
+    for r in range(rounds):
+        shift = r % len(cases)
+        for case in cases[shift:] + cases[:shift]:
+            timer = benchmark.Timer(stmt="fn()", globals={"fn": case.fn}, num_threads=threads,
+                                    label=case.part, sub_label=case.mode, description=case.model)
+            collected[case.key()].append(timer.blocked_autorange(min_run_time=min_run_time))
+        progress(f"  {cases[0].part}: round {r + 1}/{rounds} done")
+    return {key: benchmark.Measurement.merge(ms)[0] for key, ms in collected.items()}
+
+
+def _na2d_flops(q_shape, k_shape, v_shape, rpb_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
+    """Neighborhood attention's nominal FLOPs: q.k and attention.v over each query's K*K window."""
+    batch, heads, height, width, dim = q_shape
+    return 2 * 2 * batch * heads * height * width * kernel_size[0] * kernel_size[1] * dim
+
+
+def _linear_pointwise_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """oneDNN's linear with a fused epilogue: the matmul's FLOPs."""
+    return 2 * prod(x_shape) * w_shape[0]
+
+
+def _flop_formulas() -> dict:
+    """FLOP formulas for ops torch's counter does not know: this package's fused NA op (counted at its
+    nominal cost, whatever tiles the kernel computes) and oneDNN's fused linear."""
+    formulas = {}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        formulas[torch.ops.mkldnn._linear_pointwise] = _linear_pointwise_flops
+    try:
+        formulas[torch.ops.dinat.na2d] = _na2d_flops
+    except (AttributeError, RuntimeError):  # not registered (yet): its matmuls are counted as they run
+        pass
+    return formulas
+
+
+def count_flops(fn: Callable[[], object]) -> float:
+    """FLOPs of one call of `fn` as torch's FLOP counter sees them (matmuls, convolutions, attention)."""
+    with FlopCounterMode(display=False, custom_mapping=_flop_formulas()) as counter:
         fn()
-    times = []
-    for _ in range(repeat):
-        start = _clock()
-        fn()
-        times.append(_clock() - start)
-    return {"median_s": statistics.median(times), "best_s": min(times), "runs": repeat}
+    return float(counter.get_total_flops())
 
 
-def machine() -> dict[str, object]:
+def forward_flops(model: torch.nn.Module, size: int) -> float:
+    """FLOPs of one image's forward pass. Counted with autograd on (the paths a training step takes), in
+    eval mode; a training step is counted as 3x this (the backward pass costs twice the forward: torch's
+    counter overcounts depthwise-convolution backward, so it is not used for that)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return count_flops(lambda: model(_images(1, size)[0]))
+    finally:
+        model.train(was_training)
+
+
+def _inference(model: torch.nn.Module, pixels: torch.Tensor, bf16: bool = False) -> Callable[[], object]:
+    def call():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return model(pixels)
+    return call
+
+
+def _train_step(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor) -> Callable[[], object]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def call():
+        optimizer.zero_grad(set_to_none=True)
+        model(pixels, labels=labels).loss.backward()
+        optimizer.step()
+    return call
+
+
+def _images(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 1000, (batch,), generator=g)
+
+
+# -- parts ------------------------------------------------------------------------------------------------
+def gemm_cases() -> list[Case]:
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE, generator=g).to(dtype) for _ in range(2))
+        name = str(dtype).replace("torch.", "")
+        cases.append(Case("gemm", f"{GEMM_SIZE}x{GEMM_SIZE} matmul", name, 1, GEMM_SIZE,
+                          lambda a=a, b=b: torch.mm(a, b), flops=2.0 * GEMM_SIZE ** 3, gemm_dtype=name))
+    return cases
+
+
+def model_cases(contenders: list[Contender], batch: int, size: int, modes=MODES, part="models") -> list[Case]:
+    pixels, labels = _images(batch, size)
+    cases = []
+    for contender in contenders:
+        eval_model = _seeded(contender.classifier).eval()
+        flops = forward_flops(eval_model, size) * batch
+        train_model = None
+        for mode in modes:
+            if mode == "training step fp32":
+                train_model = train_model or _seeded(contender.classifier).train()
+                cases.append(Case(part, mode, contender.name, batch, size, _train_step(train_model, pixels, labels),
+                                  3 * flops, "float32"))
+            else:
+                bf16 = "bf16" in mode
+                cases.append(Case(part, mode, contender.name, batch, size, _inference(eval_model, pixels, bf16),
+                                  flops, "bfloat16" if bf16 else "float32"))
+    return cases
+
+
+def compile_cases(contenders: list[Contender], batch: int, size: int, modes: list[str], backend: str,
+                  progress: Callable[[str], None]) -> list[Case]:
+    """Eager and compiled versions of each contender and mode; the compiled ones are compiled (and run
+    twice) here, so that timing sees no compilation."""
+    pixels, labels = _images(batch, size)
+    cases = []
+    for contender in contenders:
+        for mode in modes:
+            for compiled in (False, True):
+                model = _seeded(contender.classifier)
+                runner = torch.compile(model, backend=backend) if compiled else model
+                if mode == "training step fp32":
+                    model.train()
+                    fn = _train_step(runner, pixels, labels)
+                else:
+                    model.eval()
+                    fn = _inference(runner, pixels, "bf16" in mode)
+                extra = {}
+                if compiled:
+                    start = time.perf_counter()
+                    fn()
+                    extra["compile_s"] = time.perf_counter() - start
+                    fn()
+                    progress(f"  compiled {contender.name} {mode} in {extra['compile_s']:.0f} s")
+                label = f"{contender.name} {'compiled' if compiled else 'eager'}"
+                cases.append(Case("compile", mode, label, batch, size, fn, extra=extra | {
+                    "contender": contender.name, "compiled": compiled, "compile_backend": backend}))
+    return cases
+
+
+def backbone_cases(contenders: list[Contender], size: int) -> list[Case]:
+    pixels, _ = _images(1, size)
+    cases = []
+    for contender in contenders:
+        model = _seeded(contender.backbone).eval()
+        cases.append(Case("backbone", "backbone inference fp32", contender.name, 1, size, _inference(model, pixels),
+                          forward_flops(model, size)))
+    return cases
+
+
+# -- results ----------------------------------------------------------------------------------------------
+def machine(threads: int) -> dict[str, object]:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -69,440 +278,261 @@ def machine() -> dict[str, object]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "natten": dispatch.natten_label(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    import transformers
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-# -- op level -----------------------------------------------------------------------------------------
-def _op_runners(batch: int, height: int, heads: int, dilation: int, dtype: torch.dtype):
-    """(label, needs RPB?, backend) rows to time: every backend with RPB (DiNAT's layer), and without it
-    where only that runs (NATTEN >= 0.20)."""
-    rows = []
-    for backend in dispatch.BACKENDS:
-        probe = torch.zeros(batch, heads, height, height, HEAD_DIM, dtype=dtype)
-        for has_rpb in (True, False):
-            if dispatch.why_not(backend, probe, has_rpb, needs_grad=False) is None:
-                rows.append((backend, has_rpb))
-                break
-    return rows
-
-
-def bench_ops(batch: int, repeat: int, dtypes: list[torch.dtype], include_flex_cpu: bool) -> list[dict]:
-    results = []
-    for stage, height, heads, dilations in MINI_STAGES:
-        for dilation in dilations:
-            for dtype in dtypes:
-                for backend, has_rpb in _op_runners(batch, height, heads, dilation, dtype):
-                    if backend == "flex" and not include_flex_cpu:
-                        continue  # eager flex on CPU materializes all (H*W)^2 scores: not a speed path
-                    results += _bench_one_op(stage, batch, height, heads, dilation, dtype, backend, has_rpb, repeat)
-        results.append(_bench_linear(stage, batch, height, heads, repeat))
-    return results
-
-
-def _bench_one_op(stage, batch, height, heads, dilation, dtype, backend, has_rpb, repeat) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, height, height, HEAD_DIM, generator=g).to(dtype) for _ in range(3))
-    rpb = torch.randn(heads, 2 * KERNEL - 1, 2 * KERNEL - 1, generator=g).to(dtype) if has_rpb else None
-    base = {"part": "op", "stage": stage, "shape": [batch, heads, height, height, HEAD_DIM], "dilation": dilation,
-            "dtype": str(dtype).replace("torch.", ""), "backend": backend, "rpb": has_rpb}
-    rows = []
-    with torch.no_grad():
-        timing = measure(lambda: ops.na2d(q, k, v, KERNEL, dilation, rpb=rpb, backend=backend), repeat)
-    rows.append({**base, "pass": "forward", **timing})
-    leaves = [t.detach().requires_grad_() for t in (q, k, v) + ((rpb,) if has_rpb else ())]
-    if dispatch.why_not(backend, leaves[0], has_rpb, needs_grad=True) is None:
-        grad = torch.randn_like(q)
-
-        def forward_backward():
-            out = ops.na2d(*leaves[:3], KERNEL, dilation, rpb=leaves[3] if has_rpb else None, backend=backend)
-            torch.autograd.grad(out, leaves, grad)
-
-        rows.append({**base, "pass": "forward+backward", **measure(forward_backward, repeat)})
-    else:
-        rows.append({**base, "pass": "forward+backward", "skipped": dispatch.why_not(backend, leaves[0], has_rpb, True)})
-    return rows
-
-
-def _bench_linear(stage, batch, height, heads, repeat) -> dict:
-    """The same layer's linear layers (fused q/k/v, proj, MLP 3x) at float32, forward: the yardstick for NA."""
-    dim = heads * HEAD_DIM
-    x = torch.randn(batch, height, height, dim)
-    w_qkv, w_proj = torch.randn(3 * dim, dim), torch.randn(dim, dim)
-    w_fc1, w_fc2 = torch.randn(3 * dim, dim), torch.randn(dim, 3 * dim)
-
-    def linears():
-        F.linear(x, w_qkv)
-        F.linear(x, w_proj)
-        F.linear(F.linear(x, w_fc1), w_fc2)
-
-    with torch.no_grad():
-        timing = measure(linears, repeat)
-    return {"part": "op", "stage": stage, "shape": [batch, height, height, dim], "dtype": "float32",
-            "backend": "linear layers (qkv+proj+mlp)", "pass": "forward", "dilation": None, "rpb": None, **timing}
-
-
-# -- model level ----------------------------------------------------------------------------------------
-def _model(preset: str) -> DinatForImageClassification:
-    torch.manual_seed(0)
-    return DinatForImageClassification(DinatConfig.from_preset(preset, num_labels=1000))
-
-
-def bench_models(presets: list[str], batches: list[int], repeat: int, size: int = 224,
-                 memory: bool = True) -> list[dict]:
-    results = []
-    for preset in presets:
-        model = _model(preset)
-        for batch in batches:
-            pixels = torch.randn(batch, 3, size, size)
-            labels = torch.randint(0, 1000, (batch,))
-            base = {"part": "model", "model": f"dinat-{preset}", "size": size, "batch": batch}
-            model.eval()
-            with torch.inference_mode():
-                timing = measure(lambda: model(pixels), repeat)
-                results.append({**base, "mode": "inference fp32", **timing, "images_per_s": batch / timing["median_s"]})
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    timing = measure(lambda: model(pixels), repeat)
-                results.append({**base, "mode": "inference bf16 autocast", **timing,
-                                "images_per_s": batch / timing["median_s"]})
-            model.train()
-            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-            def train_step():
-                optimizer.zero_grad(set_to_none=True)
-                model(pixels, labels=labels).loss.backward()
-                optimizer.step()
-
-            timing = measure(train_step, max(1, repeat // 2 + 1))
-            row = {**base, "mode": "training step fp32", **timing, "images_per_s": batch / timing["median_s"]}
-            if memory:
-                try:
-                    row["peak_memory_mib"] = training_peak_memory_mib(preset, batch, size)
-                except subprocess.CalledProcessError as err:
-                    row["peak_memory_error"] = (err.stderr or "").strip().splitlines()[-1:] or ["failed"]
-            results.append(row)
-            model.zero_grad(set_to_none=True)
-    return results
-
-
-def memory_row(preset: str, batch: int, size: int = 224) -> dict:
-    """Only the training-step peak memory (for batches too large to time here)."""
-    row = {"part": "memory", "model": f"dinat-{preset}", "size": size, "batch": batch, "mode": "training step fp32"}
-    try:
-        row["peak_memory_mib"] = training_peak_memory_mib(preset, batch, size)
-    except subprocess.CalledProcessError as err:
-        row["peak_memory_error"] = (err.stderr or "").strip().splitlines()[-1:] or ["failed"]
+def to_row(case: Case, m: benchmark.Measurement, gemm_rates: dict[str, float]) -> dict:
+    row = {"part": case.part, "mode": case.mode, "model": case.model, "batch": case.batch, "size": case.size,
+           "median_s": m.median, "iqr_s": m.iqr, "blocks": len(m.times),
+           "calls": len(m.times) * m.number_per_run, "images_per_s": case.batch / m.median, **case.extra}
+    if case.flops:
+        row["gflop_per_image"] = case.flops / case.batch / 1e9
+        row["gflop_per_s"] = case.flops / m.median / 1e9
+        if case.part != "gemm" and case.gemm_dtype in gemm_rates:
+            row["gemm_dtype"] = case.gemm_dtype
+            row["gemm_fraction"] = row["gflop_per_s"] / gemm_rates[case.gemm_dtype]
     return row
 
 
-def training_peak_memory_mib(preset: str, batch: int, size: int = 224) -> float:
-    """Growth of the peak resident set over one training step (after a warm-up step), in a fresh process."""
-    code = (f"import torch, dinat.bench as b; torch.set_num_threads({torch.get_num_threads()}); "
-            f"print(b._peak_in_this_process({preset!r}, {batch}, {size}))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(result.stdout.strip().splitlines()[-1])
+def _find(rows: list[dict], **match) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
-def _peak_in_this_process(preset: str, batch: int, size: int) -> float:
-    model = _model(preset).train()
-    pixels, labels = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
-    before = _rss_mib()
-    model(pixels, labels=labels).loss.backward()  # warm-up: one-time allocations
-    model.zero_grad(set_to_none=True)
-    # the peak-RSS mark is inherited from the parent process: reset it (Linux: "5" > clear_refs)
-    Path("/proc/self/clear_refs").write_text("5")
-    model(pixels, labels=labels).loss.backward()
-    return _status_mib("VmHWM") - before
+def summarize(rows: list[dict], dinat: str, peers: list[str]) -> list[dict]:
+    """The targets: DiNAT / peer images/s >= TARGET_SPEEDUP per mode, compiled >= eager."""
+    targets = []
+    for mode in MODES:
+        mine = _find(rows, part="models", mode=mode, model=dinat)
+        for peer in peers:
+            theirs = _find(rows, part="models", mode=mode, model=peer)
+            if mine and theirs:
+                ratio = mine["images_per_s"] / theirs["images_per_s"]
+                targets.append({"target": f"{dinat} / {peer}, {mode}", "value": ratio, "goal": TARGET_SPEEDUP,
+                                "met": ratio >= TARGET_SPEEDUP})
+    for r in rows:
+        if r["part"] == "compile" and r.get("compiled"):
+            eager = _find(rows, part="compile", mode=r["mode"], contender=r["contender"], compiled=False)
+            if eager:
+                ratio = r["images_per_s"] / eager["images_per_s"]
+                targets.append({"target": f"{r['contender']} compiled / eager, {r['mode']}", "value": ratio,
+                                "goal": 1.0, "met": ratio >= 1.0})
+    return targets
 
 
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise OSError(f"/proc/self/status has no {field}")
+def _met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-# -- the reference stack, in its own interpreter ------------------------------------------------------------
-# transformers 4.x and this package's transformers 5.x cannot share an environment, so the reference
-# (transformers 4.46 + NATTEN 0.17) runs in another Python given by --reference-python. The snippet bridges
-# the import gaps of NATTEN 0.17 on a current CPU-only torch without replacing any kernel.
-_REFERENCE_SNIPPET = r"""
-import json, os, sys, time, typing
-import torch
-if not hasattr(torch.cuda, "_device_t"):
-    torch.cuda._device_t = typing.Union[torch.device, str, int, None]
-if not torch.cuda.is_available():
-    torch.cuda.get_device_capability = lambda *a, **k: (0, 0)
-import natten, natten.functional as nf
-if not hasattr(nf, "natten2dqkrpb"):  # 0.17 renamed the ops transformers 4.x imports
-    nf.natten2dqkrpb = lambda q, k, rpb, ks, dil: nf.na2d_qk(q, k, ks, dil, rpb=rpb)
-    nf.natten2dav = lambda a, v, ks, dil: nf.na2d_av(a, v, ks, dil)
-import transformers
-from transformers import DinatConfig, DinatForImageClassification
-args = json.loads(sys.argv[1])
-torch.set_num_threads(args["threads"])
-clock = time.process_time if args["clock"] == "cpu" else time.perf_counter
-torch.manual_seed(0)
-model = DinatForImageClassification(DinatConfig(**args["config"]))
-def measure(fn, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = clock(); fn(); times.append(clock() - start)
-    times.sort()
-    return {"median_s": times[len(times) // 2], "best_s": times[0], "runs": repeat}
-def status_mib(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-if args["mode"] == "memory":
-    model.train()
-    pixels = torch.randn(args["batch"], 3, args["size"], args["size"])
-    labels = torch.randint(0, 1000, (args["batch"],))
-    before = status_mib("VmRSS")
-    model(pixels, labels=labels).loss.backward()
-    model.zero_grad(set_to_none=True)
-    open("/proc/self/clear_refs", "w").write("5")
-    model(pixels, labels=labels).loss.backward()
-    print(json.dumps({"peak_memory_mib": status_mib("VmHWM") - before}))
-    sys.exit(0)
-pixels = torch.randn(args["batch"], 3, args["size"], args["size"])
-labels = torch.randint(0, 1000, (args["batch"],))
-rows = []
-model.eval()
-with torch.inference_mode():
-    rows.append({"mode": "inference fp32", **measure(lambda: model(pixels), args["repeat"])})
-model.train()
-def step():
-    model.zero_grad(set_to_none=True)
-    model(pixels, labels=labels).loss.backward()
-rows.append({"mode": "training step fp32", **measure(step, max(1, args["repeat"] // 2 + 1))})
-print(json.dumps({"versions": {"transformers": transformers.__version__, "natten": natten.__version__},
-                  "rows": rows}))
-"""
-
-
-def bench_reference(python: str, preset: str, batch: int, repeat: int, clock: str,
-                    memory_batch: int = 0) -> list[dict]:
-    """DiNAT `preset` on the reference stack in interpreter `python`: inference and training step, and the
-    training-step peak memory at `memory_batch` (0: skip)."""
-    config = {k: v for k, v in PRESETS[preset].items()} | {"num_labels": 1000}
-    common = {"config": config, "size": 224, "threads": torch.get_num_threads(), "clock": clock}
-
-    def call(extra):
-        result = subprocess.run([python, "-c", _REFERENCE_SNIPPET, json.dumps({**common, **extra})],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            tail = (result.stderr or "").strip().splitlines()[-1:] or ["failed"]
-            raise ValueError(f"the reference stack in {python} failed: {tail[0]}")
-        return json.loads(result.stdout.strip().splitlines()[-1])
-
-    output = call({"mode": "time", "batch": batch, "repeat": repeat})
-    label = "reference (transformers {transformers} + NATTEN {natten})".format(**output["versions"])
-    rows = [{"part": "model", "model": f"dinat-{preset}", "size": 224, "batch": batch, "stack": label, **row,
-             "images_per_s": batch / row["median_s"]} for row in output["rows"]]
-    if memory_batch:
-        peak = call({"mode": "memory", "batch": memory_batch, "repeat": 1})["peak_memory_mib"]
-        rows.append({"part": "memory", "model": f"dinat-{preset}", "size": 224, "batch": memory_batch,
-                     "mode": "training step fp32", "stack": label, "peak_memory_mib": peak})
-    return rows
-
-
-# -- resolution scaling -----------------------------------------------------------------------------------
-def bench_scaling(repeat: int, resolutions=RESOLUTIONS) -> list[dict]:
-    model = _model("mini").eval()
-    results = []
-    with torch.inference_mode():
-        for size in resolutions:
-            pixels = torch.randn(1, 3, size, size)
-            timing = measure(lambda: model(pixels), repeat)
-            results.append({"part": "scaling", "model": "dinat-mini", "size": size, "batch": 1, **timing,
-                            "ms_per_image": 1e3 * timing["median_s"],
-                            "us_per_megapixel": 1e6 * timing["median_s"] / (size * size / 1e6) / 1e3})
-    return results
-
-
-def plot_scaling(rows: list[dict], path: Path) -> None:
-    """A small line chart of time per image against resolution (PIL only)."""
-    from PIL import Image, ImageDraw
-
-    width, height, left, right, top, bottom = 720, 440, 80, 30, 40, 60
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    sizes = [r["size"] for r in rows]
-    times = [r["ms_per_image"] for r in rows]
-    pixels = [s * s for s in sizes]
-    x_max, y_max = max(pixels) * 1.05, max(times) * 1.1
-
-    def point(px, ms):
-        return (left + (width - left - right) * px / x_max, height - bottom - (height - top - bottom) * ms / y_max)
-
-    draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black", width=2)
-    for s, px in zip(sizes, pixels):
-        x, _ = point(px, 0)
-        draw.line([(x, height - bottom), (x, height - bottom + 5)], fill="black")
-        draw.text((x - 12, height - bottom + 8), str(s), fill="black")
-    for i in range(6):
-        ms = y_max * i / 5
-        _, y = point(0, ms)
-        draw.line([(left - 5, y), (left, y)], fill="black")
-        draw.text((8, y - 6), f"{ms:.0f} ms", fill="black")
-    # the linear fit through the origin and the largest size: where perfectly linear scaling would lie
-    slope = times[-1] / pixels[-1]
-    draw.line([point(0, 0), point(x_max, slope * x_max)], fill=(170, 170, 170), width=1)
-    draw.line([point(p, t) for p, t in zip(pixels, times)], fill=(31, 119, 180), width=3)
-    for p, t in zip(pixels, times):
-        x, y = point(p, t)
-        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(31, 119, 180))
-        draw.text((x - 20, y - 20), f"{t:.0f}", fill=(31, 119, 180))
-    draw.text((left, 12), "DiNAT-mini inference, batch 1, float32: time per image (ms) against resolution",
-              fill="black")
-    draw.text((left + 40, height - 22), "image side in pixels (axis spaced by pixel count); grey line: time "
-              "proportional to pixel count", fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-
-
-# -- tables -------------------------------------------------------------------------------------------------
-def _ms(row, key="median_s"):
-    return f"{1e3 * row[key]:.1f}" if key in row else "n/a"
-
-
-def format_tables(results: dict) -> str:
-    lines = []
+def format_markdown(results: dict) -> str:
+    """The results as markdown tables (what docs/performance.md shows)."""
+    rows, s = results["rows"], results["settings"]
     info = results["machine"]
-    lines.append(f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
-                 f"{info['natten']}, {info['date']}, {info.get('clock', 'wall')} clock")
-    op_rows = [r for r in results["rows"] if r["part"] == "op"]
-    if op_rows:
-        lines += ["", "| stage | shape | dilation | dtype | backend | pass | median ms | best ms |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in op_rows:
-            backend = r["backend"] + ("" if r["rpb"] in (True, None) else " (no RPB)")
-            note = f"skipped: {r['skipped']}" if "skipped" in r else None
-            lines.append(f"| {r['stage']} | {'x'.join(map(str, r['shape']))} | {r['dilation'] or '-'} | {r['dtype']} | "
-                         f"{backend} | {r['pass']} | {note or _ms(r)} | {'' if note else _ms(r, 'best_s')} |")
-    model_rows = [r for r in results["rows"] if r["part"] == "model"]
-    if model_rows:
-        lines += ["", "| model | size | batch | mode | images/s | median ms | best ms | peak MiB |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in model_rows:
-            peak = f"{r['peak_memory_mib']:.0f}" if "peak_memory_mib" in r else ("failed" if "peak_memory_error" in r else "")
-            model = r["model"] + (f" on the {r['stack']}" if "stack" in r else "")
-            lines.append(f"| {model} | {r['size']} | {r['batch']} | {r['mode']} | {r['images_per_s']:.2f} | "
-                         f"{_ms(r)} | {_ms(r, 'best_s')} | {peak} |")
-    for r in results["rows"]:
-        if r["part"] == "memory":
-            peak = f"{r['peak_memory_mib']:.0f} MiB" if "peak_memory_mib" in r else f"failed: {r['peak_memory_error']}"
-            model = r["model"] + (f" on the {r['stack']}" if "stack" in r else "")
-            lines += ["", f"Training-step peak memory, {model} {r['size']}, batch {r['batch']}: {peak}"]
-    scaling = [r for r in results["rows"] if r["part"] == "scaling"]
-    if scaling:
-        base = scaling[0]["median_s"] / scaling[0]["size"] ** 2
-        lines += ["", f"| size | ms / image | time per pixel vs {scaling[0]['size']} |", "|---|---|---|"]
-        for r in scaling:
-            lines.append(f"| {r['size']} | {r['ms_per_image']:.1f} | {r['median_s'] / r['size'] ** 2 / base:.2f}x |")
-    return "\n".join(lines)
+    dinat, peers = s["dinat"], s["peers"]
+    load = " -> ".join(map(str, info.get("load_average", [])))
+    out = [f"{info['cpu']}, {info['cores']} cores, {s['threads']} threads, torch {info['torch']}, transformers "
+           f"{info['transformers']}, {info['date']}, load average {load}; {s['rounds']} interleaved rounds, "
+           "median (IQR in the JSON)."]
+    if results.get("targets"):
+        out += ["", "### Targets", "", "| target | measured | goal | |", "|---|---|---|---|"]
+        for t in results["targets"]:
+            out.append(f"| {t['target']} | {t['value']:.2f}x | >= {t['goal']}x | {_met(t['met'])} |")
+    gemm = {r["model"]: r for r in rows if r["part"] == "gemm"}
+    if gemm:
+        out += ["", "### Side by side", "", f"GEMM {GEMM_SIZE}x{GEMM_SIZE}: " + ", ".join(
+            f"{dtype} {r['gflop_per_s']:.0f} GFLOP/s" for dtype, r in gemm.items())]
+    if any(r["part"] == "models" for r in rows):
+        names = [dinat] + peers
+        out += ["", f"Images/s, batch {s['batch']}, {s['size']}x{s['size']}, {s['threads']} threads:", "",
+                "| mode | " + " | ".join(names) + " | " + " | ".join(f"{dinat} / {p}" for p in peers)
+                + f" | {TARGET_SPEEDUP}x target |",
+                "|---" * (2 + 2 * len(peers)) + "|---|"]
+        for mode in MODES:
+            found = {n: _find(rows, part="models", mode=mode, model=n) for n in names}
+            if not found[dinat]:
+                continue
+            speeds = [f"{found[n]['images_per_s']:.1f}" if found[n] else "-" for n in names]
+            ratios = [found[dinat]["images_per_s"] / found[p]["images_per_s"] for p in peers if found[p]]
+            out.append(f"| {mode} | " + " | ".join(speeds) + " | " + " | ".join(f"{x:.2f}x" for x in ratios)
+                       + f" | {_met(all(x >= TARGET_SPEEDUP for x in ratios)) if ratios else '-'} |")
+        with_flops = [r for r in rows if r["part"] in ("models", "backbone") and "gemm_fraction" in r]
+        if with_flops:
+            out += ["", "### Fraction of the GEMM rate", "",
+                    "| model | mode | GFLOP / image | GFLOP/s | of the GEMM rate |", "|---|---|---|---|---|"]
+            for r in with_flops:
+                mode = r["mode"] + (f" {r['size']}x{r['size']}" if r["part"] == "backbone" else "")
+                out.append(f"| {r['model']} | {mode} | {r['gflop_per_image']:.2f} | {r['gflop_per_s']:.0f} | "
+                           f"{100 * r['gemm_fraction']:.0f}% ({r['gemm_dtype']}) |")
+    compiled = [r for r in rows if r["part"] == "compile" and r.get("compiled")]
+    if compiled:
+        out += ["", "### torch.compile", "", f"torch.compile (backend {compiled[0]['compile_backend']}), batch {s['batch']}, images/s:", "",
+                "| model | mode | eager | compiled | compiled / eager | target >= 1 | compile time |",
+                "|---|---|---|---|---|---|---|"]
+        for r in compiled:
+            eager = _find(rows, part="compile", mode=r["mode"], contender=r["contender"], compiled=False)
+            ratio = r["images_per_s"] / eager["images_per_s"]
+            out.append(f"| {r['contender']} | {r['mode']} | {eager['images_per_s']:.1f} | {r['images_per_s']:.1f} | "
+                       f"{ratio:.2f}x | {_met(ratio >= 1.0)} | {r['compile_s']:.0f} s |")
+    for part, title in (("latency", f"### Batch-1 latency\n\nBatch 1, {s['size']}x{s['size']} (ms):"),
+                        ("backbone", f"### Backbone at detection sizes\n\nBackbone inference, batch 1, {s['backbone_size']}x{s['backbone_size']}, "
+                                     "float32, all four stages' feature maps (ms):")):
+        part_rows = [r for r in rows if r["part"] == part]
+        if not part_rows:
+            continue
+        modes = list(dict.fromkeys(r["mode"] for r in part_rows))
+        names = list(dict.fromkeys(r["model"] for r in part_rows))
+        out += ["", title, "", "| mode | " + " | ".join(names) + " | " + " | ".join(
+            f"{dinat} speed / {p}" for p in names[1:]) + " |", "|---" * (2 * len(names)) + "|"]
+        for mode in modes:
+            found = [_find(part_rows, mode=mode, model=n) for n in names]
+            cells = [f"{1e3 * r['median_s']:.1f}" if r else "-" for r in found]
+            ratios = [f"{found[i]['median_s'] / found[0]['median_s']:.2f}x" if found[i] and found[0] else "-"
+                      for i in range(1, len(names))]
+            out.append(f"| {mode} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(out)
 
 
-# -- command line ----------------------------------------------------------------------------------------------
-def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--parts", default="ops,models,scaling",
-                        help="comma-separated: ops, models, scaling (default: all)")
+# -- running --------------------------------------------------------------------------------------------
+def run_benchmark(model: str = "mini", peers: list[str] = list(PEERS), parts: list[str] = list(PARTS),
+                  batch: int = 8, size: int = 224, backbone_size: int = 1024, threads: int | None = None,
+                  rounds: int = 3, min_run_time: float = 1.0, compile_modes: list[str] = ("inference fp32",
+                  "training step fp32"), compile_peers: bool = False, compile_backend: str = "inductor",
+                  progress: Callable[[str], None] = lambda _: None,
+                  checkpoint: Callable[[dict], None] = lambda _: None) -> dict:
+    """Measure; returns {"machine", "settings", "rows", "targets", "compare"} (see the module docstring).
+    `checkpoint` gets the results so far after each part (a long run interrupted keeps what it measured)."""
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    load_before = os.getloadavg()[0]
+    mine = dinat_contender(model)
+    others = [PEERS[p]() for p in peers]
+    contenders = [mine] + others
+    settings = {"dinat": mine.name, "peers": [c.name for c in others], "parts": list(parts), "batch": batch,
+                "size": size, "backbone_size": backbone_size, "threads": threads, "rounds": rounds,
+                "min_run_time_s": min_run_time, "timer": "torch.utils.benchmark.Timer.blocked_autorange",
+                "training_step": "forward, cross-entropy, backward, SGD step (float32)"}
+    measured: list[tuple[Case, benchmark.Measurement]] = []
+
+    def results_so_far() -> dict:
+        gemm_rates = {c.model: c.flops / m.median / 1e9 for c, m in measured if c.part == "gemm"}
+        rows = [to_row(c, m, gemm_rates) for c, m in measured]
+        compare = benchmark.Compare([m for c, m in measured if c.part != "gemm"])
+        # the 1-minute load average before and after: on a shared machine, how quiet the run was
+        info = machine(threads) | {"load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+        return {"machine": info, "settings": settings, "rows": rows,
+                "targets": summarize(rows, mine.name, settings["peers"]), "compare": str(compare)}
+
+    def timed(cases):
+        if cases:
+            results = run_rounds(cases, rounds, threads, min_run_time, progress)
+            measured.extend((c, results[c.key()]) for c in cases)
+            checkpoint(results_so_far())
+
+    # the GEMM rate is measured in the same rounds as the models, so that it sees the same noise
+    want_gemm = "gemm" in parts
+    if "models" in parts or want_gemm:
+        progress("models: building and counting FLOPs")
+        cases = model_cases(contenders, batch, size) if "models" in parts else []
+        timed((gemm_cases() if want_gemm else []) + cases)
+    if "compile" in parts:
+        progress("compile: compiling (the first call; minutes with inductor on a cold cache)")
+        timed(compile_cases(contenders if compile_peers else [mine], batch, size, list(compile_modes),
+                            compile_backend, progress))
+    if "latency" in parts:
+        timed(model_cases(contenders, 1, size, ("inference fp32", "inference bf16 autocast"), part="latency"))
+    if "backbone" in parts:
+        progress(f"backbone: {backbone_size}x{backbone_size}")
+        timed(backbone_cases(contenders, backbone_size))
+
+    return results_so_far()
+
+
+def parse_list(text: str, name: str, allowed=None, kind=str) -> list:
+    try:
+        values = [kind(item.strip()) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"--{name}: could not read {text!r} as a comma-separated list") from None
+    if allowed is not None and any(v not in allowed for v in values):
+        raise ValueError(f"--{name} must be a comma-separated list of {', '.join(allowed)}, got {text!r}")
+    return values
+
+
+def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", default="mini", help="DiNAT preset or DinatConfig file/folder (default: mini)")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help=f"comma-separated peers from {', '.join(PEERS)} (default: both; '' for none)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)} (default: all)")
+    parser.add_argument("--batch", type=int, default=8, help="batch of the models and compile parts (default 8)")
+    parser.add_argument("--size", type=int, default=224, help="image side (default 224)")
+    parser.add_argument("--backbone-size", type=int, default=1024, help="image side of the backbone part")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall (default), or cpu: this process's CPU time, steadier on a shared machine with "
-                             "--threads 1 (with more threads it adds up every thread's time)")
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (median reported)")
-    parser.add_argument("--batch", type=int, default=8, help="batch of the op-level shapes")
-    parser.add_argument("--models", default="mini,tiny", help="presets for the model part")
-    parser.add_argument("--batches", default="1,8", help="batch sizes for the model part")
-    parser.add_argument("--sizes", default=",".join(map(str, RESOLUTIONS)), help="resolutions for the scaling part")
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="op-level dtypes")
-    parser.add_argument("--flex-cpu", action="store_true", help="also time eager flex attention on CPU (slow)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--memory-batch", type=int, default=32,
-                        help="also measure the training-step peak memory of DiNAT-mini at this batch (0: skip)")
-    parser.add_argument("--reference-python", default=None,
-                        help="a Python whose environment has the reference stack (transformers 4.46 + NATTEN 0.17): "
-                             "DiNAT-mini is measured there too, side by side")
-    parser.add_argument("--output", type=Path, default=Path("bench-results/bench.json"), help="JSON file to write")
-    parser.add_argument("--plot", type=Path, default=None, help="write the scaling chart to this PNG")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per part (default 3)")
+    parser.add_argument("--min-run-time", type=float, default=1.0,
+                        help="seconds each measurement of a round runs at least (blocked_autorange)")
+    parser.add_argument("--compile-modes", default="inference fp32,training step fp32",
+                        help=f"modes of the compile part, from: {', '.join(MODES)}")
+    parser.add_argument("--compile-peers", action="store_true", help="compile the peers too (slow)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    parser.add_argument("--output", type=Path, default=Path("bench-results/bench.json"), help="JSON to write")
     parser.set_defaults(func=run)
     return parser
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `dinat bench`."""
-    parser = subparsers.add_parser("bench", help="benchmark neighborhood attention and DiNAT on this machine",
-                                   description=__doc__.split("\n\n")[0])
-    return _configure(parser)
+    parser = subparsers.add_parser("bench", help="DiNAT against ConvNeXt-T and Swin-T on this machine",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return configure(parser)
 
 
-def _parse_list(text: str, kind, name: str, allowed=None) -> list:
-    try:
-        values = [kind(item.strip()) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise ValueError(f"--{name}: could not read {text!r} as a comma-separated list") from None
-    if not values or (allowed is not None and any(v not in allowed for v in values)):
-        raise ValueError(f"--{name} must be a comma-separated list of {sorted(allowed) if allowed else kind.__name__}, "
-                         f"got {text!r}")
-    return values
+def options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of run_benchmark from parsed options, checked."""
+    parts = parse_list(args.parts, "parts", PARTS)
+    peers = parse_list(args.peers, "peers", list(PEERS))
+    compile_modes = parse_list(args.compile_modes, "compile-modes", MODES)
+    if not parts:
+        raise ValueError("--parts is empty")
+    for name in ("batch", "rounds"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.size < 32 or args.backbone_size < 32:
+        raise ValueError(f"--size and --backbone-size must be >= 32, got {args.size} and {args.backbone_size}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.min_run_time <= 0:
+        raise ValueError(f"--min-run-time must be > 0, got {args.min_run_time}")
+    dinat_contender(args.model)  # an unknown model fails here, before anything runs
+    return dict(model=args.model, peers=peers, parts=parts, batch=args.batch, size=args.size,
+                backbone_size=args.backbone_size, threads=args.threads, rounds=args.rounds,
+                min_run_time=args.min_run_time, compile_modes=compile_modes, compile_peers=args.compile_peers,
+                compile_backend=args.compile_backend)
+
+
+def write(results: dict, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=1) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:
-    parts = _parse_list(args.parts, str, "parts", {"ops", "models", "scaling"})
-    presets = _parse_list(args.models, str, "models", set(PRESETS))
-    batches = _parse_list(args.batches, int, "batches")
-    sizes = _parse_list(args.sizes, int, "sizes")
-    dtypes = [getattr(torch, name) for name in _parse_list(args.dtypes, str, "dtypes", {"float32", "bfloat16", "float16"})]
-    if args.repeat < 1 or args.batch < 1 or any(b < 1 for b in batches) or any(s < 32 for s in sizes):
-        raise ValueError("--repeat, --batch and --batches must be >= 1 and --sizes >= 32")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-
-    global _clock
-    _clock = CLOCKS[args.clock]
-    results = {"machine": {**machine(), "clock": args.clock}, "reference_images_per_s": REFERENCE_IMAGES_PER_S,
-               "rows": []}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    print(format_tables(results), flush=True)
-    steps = {"ops": lambda: bench_ops(args.batch, args.repeat, dtypes, args.flex_cpu),
-             "models": lambda: bench_models(presets, batches, args.repeat, memory=not args.no_memory)
-             + ([] if args.no_memory or not args.memory_batch else [memory_row("mini", args.memory_batch)]),
-             "scaling": lambda: bench_scaling(max(1, args.repeat // 2), sizes)}
-    if args.reference_python:
-        steps["models"] = (lambda models=steps["models"]: models() + bench_reference(
-            args.reference_python, "mini", 8, min(args.repeat, 2), args.clock,
-            0 if args.no_memory else args.memory_batch))
-    for part in ("ops", "models", "scaling"):
-        if part in parts:
-            rows = steps[part]()
-            results["rows"] += rows
-            print(format_tables({"machine": results["machine"], "rows": rows}).split("\n", 1)[1], flush=True)
-            args.output.write_text(json.dumps(results, indent=1))  # partial results survive an interruption
-    if "scaling" in parts and args.plot is not None:
-        plot_scaling([r for r in results["rows"] if r["part"] == "scaling"], args.plot)
-    print(f"\nwrote {args.output}" + (f" and {args.plot}" if args.plot and "scaling" in parts else ""))
+    kwargs = options(args)
+    results = run_benchmark(**kwargs, progress=lambda text: print(text, file=sys.stderr, flush=True),
+                            checkpoint=lambda partial: write(partial, args.output))
+    write(results, args.output)
+    print(results["compare"])
+    print()
+    print(format_markdown(results))
+    print(f"\nwrote {args.output}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _configure(argparse.ArgumentParser(prog="python -m dinat.bench", description=__doc__.split("\n\n")[0]))
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except ValueError as err:
-        print(f"dinat bench: error: {err}", file=sys.stderr)
-        return 1
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

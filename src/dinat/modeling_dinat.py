@@ -125,13 +125,26 @@ class NeighborhoodAttention(nn.Module):
             self.register_parameter("rpb", None)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
+    def _qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The query, key and value weights (and biases) joined into one projection. Joined once per weight
+        version where nothing needs gradients (the state dict keeps transformers' query/key/value keys)."""
+        parts = (self.query.weight, self.key.weight, self.value.weight)
+        biases = None if self.query.bias is None else (self.query.bias, self.key.bias, self.value.bias)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return torch.cat(parts), None if biases is None else torch.cat(biases)
+        every = parts + (biases or ())
+        version = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in every)
+        cached = self.__dict__.get("_joined_qkv")
+        if cached is None or cached[0] != version:
+            cached = (version, torch.cat(parts), None if biases is None else torch.cat(biases))
+            self.__dict__["_joined_qkv"] = cached
+        return cached[1], cached[2]
+
     def _project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v as (B, heads, H, W, head_dim) views of one matmul (the three weights joined at run time,
-        so the state dict keeps transformers' query/key/value keys)."""
+        """q, k, v as (B, heads, H, W, head_dim) views of one matmul."""
         batch, height, width, _ = hidden_states.shape
-        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
-        bias = None if self.query.bias is None else torch.cat((self.query.bias, self.key.bias, self.value.bias))
-        qkv = F.linear(hidden_states, weight, bias).view(batch, height, width, 3, self.num_heads, self.head_dim)
+        weight, bias = self._qkv_weights()
+        qkv = ops.linear(hidden_states, weight, bias).view(batch, height, width, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
         return q, k, v
 
@@ -161,8 +174,9 @@ class NeighborhoodAttentionOutput(nn.Module):
         self.dense = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.dense(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """dropout(dense(x)), plus `residual` if given (then added inside the matmul where nothing is dropped)."""
+        return _dense_dropout_residual(self.dense, self.dropout, hidden_states, residual)
 
 
 class NeighborhoodAttentionModule(nn.Module):
@@ -171,9 +185,10 @@ class NeighborhoodAttentionModule(nn.Module):
         self.self = NeighborhoodAttention(config, dim, num_heads, kernel_size, dilation)
         self.output = NeighborhoodAttentionOutput(config, dim)
 
-    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False,
+                residual: torch.Tensor | None = None):
         context, weights = self.self(hidden_states, output_attentions)
-        return self.output(context), weights
+        return self.output(context, residual), weights
 
 
 # -------------------------------------------------------------------------------------------------
@@ -186,6 +201,8 @@ class DinatIntermediate(nn.Module):
         self.intermediate_act_fn = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if getattr(self.intermediate_act_fn, "act", None) is F.gelu:  # transformers' "gelu": fused into the matmul
+            return ops.linear(hidden_states, self.dense.weight, self.dense.bias, gelu=True)
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
@@ -195,8 +212,17 @@ class DinatOutput(nn.Module):
         self.dense = nn.Linear(int(config.mlp_ratio * dim), dim)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.dense(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """dropout(dense(x)), plus `residual` if given (then added inside the matmul where nothing is dropped)."""
+        return _dense_dropout_residual(self.dense, self.dropout, hidden_states, residual)
+
+
+def _dense_dropout_residual(dense: nn.Linear, dropout: nn.Dropout, hidden_states: torch.Tensor,
+                            residual: torch.Tensor | None) -> torch.Tensor:
+    if residual is not None and not (dropout.training and dropout.p > 0):
+        return ops.linear(hidden_states, dense.weight, dense.bias, residual=residual)
+    out = dropout(dense(hidden_states))
+    return out if residual is None else residual + out
 
 
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
@@ -250,15 +276,23 @@ class DinatLayer(GradientCheckpointingLayer):
         pad_h, pad_w = max(0, self.window_size - height), max(0, self.window_size - width)
         if pad_h or pad_w:
             hidden_states = F.pad(hidden_states, (0, 0, 0, pad_w, 0, pad_h))
-        attention_output, weights = self.attention(hidden_states, output_attentions)
-        if pad_h or pad_w:
-            attention_output = attention_output[:, :height, :width, :].contiguous()
+        # without layer scale, drop path or padding, each residual add runs inside its branch's last matmul
+        fuse_residual = self.layer_scale_parameters is None and not (self.drop_path.training and
+                                                                     self.drop_path.drop_prob > 0)
+        if fuse_residual and not (pad_h or pad_w):
+            hidden_states, weights = self.attention(hidden_states, output_attentions, residual=shortcut)
+        else:
+            attention_output, weights = self.attention(hidden_states, output_attentions)
+            if pad_h or pad_w:
+                attention_output = attention_output[:, :height, :width, :].contiguous()
+            if self.layer_scale_parameters is not None:
+                attention_output = self.layer_scale_parameters[0] * attention_output
+            hidden_states = shortcut + self.drop_path(attention_output)
 
-        if self.layer_scale_parameters is not None:
-            attention_output = self.layer_scale_parameters[0] * attention_output
-        hidden_states = shortcut + self.drop_path(attention_output)
-
-        mlp_output = self.output(self.intermediate(self.layernorm_after(hidden_states)))
+        mlp_input = self.intermediate(self.layernorm_after(hidden_states))
+        if fuse_residual:
+            return self.output(mlp_input, residual=hidden_states), weights
+        mlp_output = self.output(mlp_input)
         if self.layer_scale_parameters is not None:
             mlp_output = self.layer_scale_parameters[1] * mlp_output
         return hidden_states + self.drop_path(mlp_output), weights

@@ -4,15 +4,17 @@ Layout is heads-first, as NATTEN 0.17: q, k, v are (batch, heads, height, width,
 weights are (batch, heads, height, width, kernel_size ** 2); rpb is (heads, 2K - 1, 2K - 1).
 
 `na2d` runs on one of several backends ("torch", "flex", "natten"; see `dispatch`), chosen per call or
-forced with `use_backend(name)` / the `backend` argument. The unfused pair always runs the torch backend.
+forced with `use_backend(name)` / the `backend` argument. The unfused pair always runs in pure PyTorch (`unfused`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import dispatch, torch_backend
+from . import dispatch, torch_backend, unfused
 from .dispatch import BACKENDS, use_backend
+from .linear import linear
+from .plan import check_can_run
 
 IntOrPair = int | tuple[int, int]
 
@@ -41,7 +43,7 @@ def _check(q: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair, rpb, ot
         expected = (q.shape[1], 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1)
         if tuple(rpb.shape) != expected:
             raise ValueError(f"rpb must have shape {expected} (heads, 2K-1, 2K-1), got {tuple(rpb.shape)}")
-    torch_backend.check_can_run(q.shape[2], q.shape[3], kernel_size, dilation)
+    check_can_run(q.shape[2], q.shape[3], kernel_size, dilation)
     return kernel_size, dilation
 
 
@@ -60,13 +62,8 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPa
     else:
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))
         name = dispatch.choose(backend, q, rpb is not None, needs_grad, kernel_size, dilation)
-    if name == "flex":
-        from . import flex_backend
-        return flex_backend.na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale)
-    if name == "natten":
-        from . import natten_backend
-        return natten_backend.na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale)
-    return torch_backend.na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale)
+    module = torch_backend if name == "torch" else dispatch.backend(name)
+    return module.na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale)
 
 
 def na2d_qk(q: torch.Tensor, k: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1,
@@ -76,7 +73,7 @@ def na2d_qk(q: torch.Tensor, k: torch.Tensor, kernel_size: IntOrPair, dilation: 
     q is used as given: scale it before the call, as NATTEN 0.17 does.
     """
     kernel_size, dilation = _check(q, kernel_size, dilation, rpb, (("key", k),))
-    return torch_backend.na2d_qk(q, k, kernel_size, dilation, rpb=rpb)
+    return unfused.na2d_qk(q, k, kernel_size, dilation, rpb=rpb)
 
 
 def na2d_av(weights: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1) -> torch.Tensor:
@@ -85,7 +82,7 @@ def na2d_av(weights: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dila
     if weights.shape[:4] != v.shape[:4] or weights.shape[4] != kernel_size[0] * kernel_size[1]:
         raise ValueError(f"weights shape {tuple(weights.shape)} does not match values {tuple(v.shape)} "
                          f"with kernel_size {kernel_size}")
-    return torch_backend.na2d_av(weights, v, kernel_size, dilation)
+    return unfused.na2d_av(weights, v, kernel_size, dilation)
 
 
-__all__ = ["na2d", "na2d_qk", "na2d_av", "use_backend", "BACKENDS"]
+__all__ = ["na2d", "na2d_qk", "na2d_av", "use_backend", "BACKENDS", "linear"]

@@ -12,7 +12,30 @@ import functools
 
 import torch
 
+from .plan import window_start
+
 Pair = tuple[int, int]
+NAME = "flex"
+
+
+@functools.lru_cache(maxsize=None)
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def can_run(q: torch.Tensor, has_rpb: bool, needs_grad: bool) -> str | None:
+    """None if flex attention can run this call, else why not."""
+    if not flex_available():
+        return f"torch {torch.__version__} has no torch.nn.attention.flex_attention (needs torch >= 2.5)"
+    if needs_grad and q.device.type == "cpu":
+        return f"torch {torch.__version__} has no flex-attention backward on CPU"
+    if q.device.type == "cuda" and q.shape[-1] < 16:
+        return f"compiled flex attention needs head_dim >= 16, got {q.shape[-1]}"
+    return None
 
 
 def _window_test(query, key, length: int, kernel_size: int, dilation: int):
@@ -21,8 +44,7 @@ def _window_test(query, key, length: int, kernel_size: int, dilation: int):
     same_group = group == key % dilation
     group_length = (length - group + dilation - 1) // dilation
     query_in_group, key_in_group = query // dilation, key // dilation
-    start = torch.clamp(query_in_group - kernel_size // 2, min=0)
-    start = torch.minimum(start, group_length - kernel_size)
+    start = window_start(query_in_group, group_length, kernel_size)
     inside = same_group & (key_in_group >= start) & (key_in_group < start + kernel_size)
     rel = torch.clamp(key_in_group - query_in_group + kernel_size - 1, 0, 2 * kernel_size - 2)
     return inside, rel
@@ -77,4 +99,4 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, d
     return out.view(batch, heads, height, width, dim)
 
 
-__all__ = ["na2d"]
+__all__ = ["NAME", "can_run", "flex_available", "na2d"]

@@ -7,13 +7,68 @@ NATTEN <= 0.17: the RPB ops `natten.functional.na2d_qk(q, k, kernel_size, dilati
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
+import logging
 
 import torch
 
-from .dispatch import natten_version
+from . import flex_backend
 
 Pair = tuple[int, int]
+NAME = "natten"
+logger = logging.getLogger("dinat.ops")
+
+
+@functools.lru_cache(maxsize=None)
+def natten_version() -> tuple[int, ...] | None:
+    """NATTEN's version as a tuple, or None when it is not installed or does not import."""
+    try:
+        if importlib.util.find_spec("natten") is None:
+            return None
+    except (ImportError, ValueError):  # a finder that refuses it: treat as absent
+        return None
+    try:
+        natten = importlib.import_module("natten")
+    except Exception as err:  # a broken install is "not available", with the reason logged
+        logger.debug("natten is installed but does not import: %s", err)
+        return None
+    version = getattr(natten, "__version__", "0")
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def natten_label() -> str:
+    version = natten_version()
+    return "not installed" if version is None else "NATTEN " + ".".join(map(str, version))
+
+
+def can_run(q: torch.Tensor, has_rpb: bool, needs_grad: bool) -> str | None:
+    """None if the installed NATTEN can run this call, else why not."""
+    version = natten_version()
+    if version is None:
+        return "NATTEN is not installed (pip install natten)"
+    if version >= (0, 20):
+        if has_rpb:
+            return (f"{natten_label()} has no relative positional bias (RPB); build the model with "
+                    "use_rpb=False, or install NATTEN <= 0.17 for its RPB ops")
+        if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"{natten_label()} does not support {q.dtype}"
+        if q.device.type == "cpu":
+            flex_reason = flex_backend.can_run(q, has_rpb, needs_grad)
+            if flex_reason is not None:
+                return f"{natten_label()} runs on CPU through flex attention, and {flex_reason}"
+            head_dim = q.shape[-1]
+            if not (8 <= head_dim <= 512 and head_dim & (head_dim - 1) == 0):
+                return f"{natten_label()} on CPU needs a power-of-two head_dim in [8, 512], got {head_dim}"
+        return None
+    if version >= (0, 17):
+        return None  # the legacy na2d_qk / na2d_av ops, with RPB
+    return f"{natten_label()} is too old (need 0.17.x for RPB, or >= 0.20)"
 
 
 def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, dilation: Pair,
@@ -35,4 +90,4 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, d
     return functional.na2d_av(weights, v, kernel_size, dilation)
 
 
-__all__ = ["na2d"]
+__all__ = ["NAME", "can_run", "natten_version", "natten_label", "na2d"]

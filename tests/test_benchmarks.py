@@ -1,0 +1,68 @@
+"""benchmarks/: the developer benchmark runs end to end on a tiny DiNAT and writes JSON, tables and charts;
+the reference-stack runner refuses an environment without the reference stack in one line.
+
+Run as a maintainer runs them (subprocesses of the scripts); no timing is asserted.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from dinat import DinatConfig
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run(script, *args, cwd):
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def test_benchmark_runs_every_part_on_a_tiny_dinat(tmp_path):
+    config_dir = tmp_path / "tiny-dinat"
+    DinatConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], kernel_size=3,
+                dilations=[[2], [1], [1], [1]], num_labels=1000).save_pretrained(config_dir)
+    output, markdown, charts = tmp_path / "bench.json", tmp_path / "tables.md", tmp_path / "charts"
+    result = run("benchmark.py", "--model", str(config_dir), "--peers", "", "--batch", "2", "--size", "64",
+                 "--backbone-size", "64", "--scaling-sizes", "64,96", "--op-batch", "1", "--op-dtypes", "float32",
+                 "--memory-batch", "1", "--rounds", "1", "--min-run-time", "0.01", "--threads", "1",
+                 "--compile-backend", "aot_eager", "--output", str(output), "--markdown", str(markdown),
+                 "--plot", str(charts), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads(output.read_text())
+    parts = {row["part"] for row in results["rows"]}
+    assert parts == {"gemm", "models", "compile", "latency", "backbone", "ops", "scaling", "memory"}
+    compiled = [r for r in results["rows"] if r["part"] == "compile" and r["compiled"]]
+    assert {r["mode"] for r in compiled} == {"inference fp32", "training step fp32"}
+    assert all(r["compile_backend"] == "aot_eager" and r["compile_s"] > 0 for r in compiled)
+    assert sorted(r["size"] for r in results["rows"] if r["part"] == "scaling") == [64, 96]
+    # every DiNAT-mini stage shape, both passes, and the linear-layer yardstick per stage
+    ops = [r for r in results["rows"] if r["part"] == "ops"]
+    assert {r["stage"] for r in ops} == {"stage1", "stage2", "stage3", "stage4"}
+    assert {(r["stage"], r["dilation"], r["pass"]) for r in ops if r["model"] == "torch"} >= {
+        ("stage1", 8, "forward+backward"), ("stage4", 1, "forward")}
+    assert all(r["peak_memory_mib"] > 0 for r in results["rows"] if r["part"] == "memory")
+    tables = markdown.read_text()
+    assert "| stage1 (56x56 x2 heads) | 8 |" in tables and "compiled / eager" in tables
+    assert {p.name for p in charts.iterdir()} == {"performance_models.png", "performance_scaling.png"}
+    assert all(p.read_bytes()[:8] == PNG for p in charts.iterdir())
+    # the tables again from the JSON alone, and the charts script alone
+    again = run("benchmark.py", "--report", str(output), "--markdown", str(tmp_path / "again.md"), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again.md").read_text() == tables
+    again = run("plot.py", str(output), "--out-dir", str(tmp_path / "again"), "--prefix", "x", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / "x_models.png").read_bytes()[:8] == PNG
+
+
+def test_reference_stack_needs_its_own_environment(tmp_path):
+    # this environment has transformers 5 and no NATTEN 0.17: both scripts say so in one line, before measuring
+    result = run("reference_stack.py", "--check", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("reference_stack.py: ") and result.stderr.count("\n") == 1
+    result = run("benchmark.py", "--reference-python", sys.executable, "--parts", "models", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "benchmark.py: error: " in result.stderr and "reference" in result.stderr
+    assert not (tmp_path / "bench-results").exists()
