@@ -8,6 +8,7 @@ from transformers.models.dinat import DinatConfig as TransformersDinatConfig
 
 from conftest import CASES
 from dinat import DinatConfig, DinatForImageClassification
+from dinat.registry import VARIANTS, get_variant, variant_for_config, variant_for_original_file
 
 FIELDS = ["patch_size", "num_channels", "embed_dim", "depths", "num_heads", "kernel_size", "dilations",
           "mlp_ratio", "qkv_bias", "hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate",
@@ -105,3 +106,61 @@ def test_presets_hold_the_papers_settings():
         assert all(config.embed_dim * 2 ** i // h == 32 for i, h in enumerate(config.num_heads))  # head dim 32
     with pytest.raises(ValueError, match="unknown DiNAT preset"):
         DinatConfig.from_preset("huge")
+
+
+# -------------------------------------------------------------------------------------------------
+# The variant registry
+# -------------------------------------------------------------------------------------------------
+ARCHITECTURE = ("depths", "num_heads", "dilations", "kernel_size", "mlp_ratio", "layer_scale_init_value")
+
+
+def test_mini_matches_the_hub_checkpoints_metadata():
+    # two independent records of shi-labs/dinat-mini-in1k-224: transformers' DinatConfig defaults describe it,
+    # and the mini_layout fixture was saved from the reference with its depths, heads and dilations
+    mini = DinatConfig.from_preset("mini")
+    theirs = TransformersDinatConfig()
+    fixture = json.loads((CASES / "mini_layout" / "model" / "config.json").read_text())
+    for name in ARCHITECTURE:
+        assert list_like(getattr(mini, name)) == list_like(getattr(theirs, name)), name
+        assert list_like(getattr(mini, name)) == fixture[name], name
+    assert mini.embed_dim == theirs.embed_dim
+
+
+def test_pretrained_metadata_matches_the_hub_processor_files():
+    # the 224 checkpoints' preprocessor_config.json (legacy ViTFeatureExtractor form): 224, bicubic, ImageNet
+    hub = json.loads((CASES.parent / "processor" / "vit_legacy_bicubic_224" / "preprocessor_config.json").read_text())
+    for variant in VARIANTS.values():
+        data = variant.pretrained
+        assert list(data.mean) == hub["image_mean"] and list(data.std) == hub["image_std"]
+        assert data.interpolation == "bicubic" and hub["resample"] == 3  # PIL's BICUBIC
+        assert data.num_classes == 1000
+        assert data.input_size == ((384, 384) if variant.name.endswith("384") else (hub["size"], hub["size"]))
+
+
+def test_registry_names_are_unique_and_resolve():
+    hub_ids = [v.pretrained.hub_id for v in VARIANTS.values()]
+    files = [v.pretrained.original_file for v in VARIANTS.values()]
+    assert len(set(hub_ids)) == len(hub_ids) and len(set(files)) == len(files)
+    assert "shi-labs/dinat-large-11x11-in22k-in1k-384" in hub_ids and "shi-labs/nat-mini-in1k-224" in hub_ids
+    for name, variant in VARIANTS.items():
+        assert get_variant(variant.pretrained.hub_id) is variant
+        assert variant_for_original_file(variant.pretrained.original_file) is variant
+        # the dilations tell apart variants whose shapes agree (large / large-384, mini / nat-mini)
+        assert variant_for_config(DinatConfig.from_preset(name)) is variant
+        assert DinatConfig.from_preset(variant.pretrained.hub_id).to_dict() == DinatConfig.from_preset(name).to_dict()
+    assert variant_for_config(DinatConfig(embed_dim=32)) is None
+
+
+def test_nat_variants_load_as_dinat_without_dilation():
+    # a NAT hub config (transformers' model_type "nat") is the registry's NAT variant of the same size
+    nat = {key: value for key, value in DinatConfig.from_preset("nat-small").to_dict().items() if key != "dilations"}
+    config = DinatConfig.from_dict(dict(nat, model_type="nat"))
+    assert variant_for_config(config).name == "nat-small"
+    assert config.layer_scale_init_value == 1e-5  # NAT-small has layer scale, DiNAT-small has none
+
+
+def test_from_preset_returns_independent_configs():
+    first = DinatConfig.from_preset("tiny")
+    first.dilations[2][1] = 99
+    assert DinatConfig.from_preset("tiny").dilations[2][1] == 2
+    assert VARIANTS["tiny"].architecture["dilations"][2][1] == 2

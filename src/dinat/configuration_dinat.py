@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 from typing import Any
@@ -13,27 +12,7 @@ from transformers.backbone_utils import BackboneConfigMixin
 
 from .config_validation import (ConfigFileError, ConfigValueError, read_json_object, validate_base_kwargs,
                                 validate_dinat_fields, validate_size)
-
-# The paper's variants, as in the original repository (SHI-Labs/Neighborhood-Attention-Transformer).
-_DILATIONS_224 = [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1] * 5]
-_DILATIONS_384 = [[1, 13, 1], [1, 6, 1, 6], [1, 3] * 9, [1] * 5]
-_DEEP = [3, 4, 18, 5]
-PRESETS: dict[str, dict[str, Any]] = {
-    "mini": dict(depths=[3, 4, 6, 5], num_heads=[2, 4, 8, 16], embed_dim=64, mlp_ratio=3.0, drop_path_rate=0.2,
-                 dilations=[[1, 8, 1], [1, 4, 1, 4], [1, 2] * 3, [1] * 5]),
-    "tiny": dict(depths=_DEEP, num_heads=[2, 4, 8, 16], embed_dim=64, mlp_ratio=3.0, drop_path_rate=0.2,
-                 dilations=_DILATIONS_224),
-    "small": dict(depths=_DEEP, num_heads=[3, 6, 12, 24], embed_dim=96, mlp_ratio=2.0, drop_path_rate=0.3,
-                  dilations=_DILATIONS_224),
-    "base": dict(depths=_DEEP, num_heads=[4, 8, 16, 32], embed_dim=128, mlp_ratio=2.0, drop_path_rate=0.5,
-                 layer_scale_init_value=1e-5, dilations=_DILATIONS_224),
-    "large": dict(depths=_DEEP, num_heads=[6, 12, 24, 48], embed_dim=192, mlp_ratio=2.0, drop_path_rate=0.35,
-                  dilations=_DILATIONS_224),
-    "large-384": dict(depths=_DEEP, num_heads=[6, 12, 24, 48], embed_dim=192, mlp_ratio=2.0,
-                      drop_path_rate=0.35, dilations=_DILATIONS_384),
-    "large-11x11-384": dict(depths=_DEEP, num_heads=[6, 12, 24, 48], embed_dim=192, mlp_ratio=2.0,
-                            drop_path_rate=0.35, kernel_size=11, dilations=_DILATIONS_224),
-}
+from .registry import PRESETS, get_variant
 
 # Neighborhood-attention backends (dinat.ops.dispatch.CHOICES, repeated to keep the config import-light).
 NA_BACKENDS = ("auto", "torch", "flex", "natten")
@@ -196,12 +175,9 @@ class DinatConfig(BackboneConfigMixin, PreTrainedConfig):
     # -- presets --------------------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DinatConfig":
-        """A config for one of the paper's variants: mini, tiny, small, base, large, large-384, large-11x11-384."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown DiNAT preset {name!r}; choose one of {sorted(PRESETS)}")
-        fields = copy.deepcopy(PRESETS[name])
-        fields.update(overrides)
-        return cls(**fields)
+        """The config of a registered variant (dinat.registry): mini, tiny, small, base, large, large-384,
+        large-11x11-384, nat-mini, ... or its hub id; `overrides` replace its fields."""
+        return cls(**get_variant(name).config_fields(**overrides))
 
 
 def nat_to_dinat_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
