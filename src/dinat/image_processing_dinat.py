@@ -23,10 +23,10 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import ChannelDimension, infer_channel_dimension_format
 
-from .config_validation import read_json_object
-
-IMAGENET_DEFAULT_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_DEFAULT_STD = [0.229, 0.224, 0.225]
+from . import atomic
+from .config_validation import ConfigFileError, read_json_object
+from .hub import clear_loading_errors
+from .registry import DEFAULT_PRETRAINED_CFG, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PretrainedCfg, get_variant
 
 ImageLike = Union[Image.Image, np.ndarray, "torch.Tensor", str, os.PathLike]  # noqa: F821
 
@@ -144,9 +144,6 @@ class DinatImageProcessor(BaseImageProcessor):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args,
                         **kwargs) -> "DinatImageProcessor":
         """Load `preprocessor_config.json` from a folder, a JSON file or a hub id (cached copies work offline)."""
-        from .config_validation import ConfigFileError
-        from .hub import clear_loading_errors
-
         with clear_loading_errors(pretrained_model_name_or_path, "image processor"):
             # a file that is there but corrupt is reported as corrupt (transformers would say "missing")
             for path in _local_processor_files(pretrained_model_name_or_path, kwargs):
@@ -167,15 +164,28 @@ class DinatImageProcessor(BaseImageProcessor):
             raise ValueError(f"{json_file}: invalid image processor settings: {err}") from None
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
-        """Write `preprocessor_config.json` atomically (dinat.atomic, issue 10): the folder's other files are kept,
+        """Write `preprocessor_config.json` atomically (dinat.atomic): the folder's other files are kept,
         a file path or a folder holding the working directory is refused."""
-        from . import atomic
-
         if push_to_hub:  # transformers' upload path, unchanged
             return super().save_pretrained(save_directory, push_to_hub=True, **kwargs)
         with atomic.replace_checkpoint(save_directory, owns=atomic.processor_owns) as staging:
             written = super().save_pretrained(staging, **kwargs)
         return [os.path.join(save_directory, os.path.basename(name)) for name in written]
+
+    @classmethod
+    def from_variant(cls, variant: str | PretrainedCfg | None = None, **overrides) -> "DinatImageProcessor":
+        """The evaluation transform of a registered variant's weights (dinat.registry: a preset name, a hub id, or
+        a `PretrainedCfg`): its input size, crop, interpolation and mean/std. None: timm's ImageNet defaults."""
+        if variant is None:
+            data = DEFAULT_PRETRAINED_CFG
+        elif isinstance(variant, PretrainedCfg):
+            data = variant
+        else:
+            data = get_variant(variant).pretrained
+        settings = dict(size=dict(zip(("height", "width"), data.input_size)), resample=data.interpolation,
+                        crop_pct=data.crop_pct, image_mean=list(data.mean), image_std=list(data.std))
+        settings.update(overrides)
+        return cls(**settings)
 
     @property
     def input_size(self) -> tuple[int, int] | None:
@@ -299,6 +309,18 @@ def _decode(image: ImageLike, where: str, convert_rgb: bool) -> tuple[list, bool
         return (*_pil_channels(exif_transpose(image), where, convert_rgb), where)
     array = _array_from(image, where)
     return (*_array_channels(array, where, convert_rgb), where)
+
+
+def decode_image(image: ImageLike, where: str = "image") -> np.ndarray:
+    """An image (file path, PIL image or array) decoded as the processor reads it: upright (EXIF), RGB, (3, H, W),
+    uint8 for 8-bit data, else float32 in [0, 1]. The processor gives this array the result it gives the image,
+    so callers that hand images on (e.g. to transformers' pipeline, whose own PIL conversion clips 16-bit data)
+    decode files here and get errors that name the file."""
+    channels, on_255, exact_uint8, _ = _decode(image, where, convert_rgb=True)
+    if exact_uint8:
+        return np.stack(channels)
+    planes = np.stack(channels).astype(np.float32)
+    return planes / np.float32(255.0) if on_255 else planes
 
 
 def exif_transpose(image: Image.Image) -> Image.Image:
@@ -596,4 +618,4 @@ def _local_processor_files(name, kwargs: dict) -> list[str]:
     return [p for p in cached if isinstance(p, str) and os.path.isfile(p)]
 
 
-__all__ = ["DinatImageProcessor", "MAX_RESIZE_PIXELS", "MAX_SIZE", "exif_transpose", "open_image"]
+__all__ = ["DinatImageProcessor", "MAX_RESIZE_PIXELS", "MAX_SIZE", "decode_image", "exif_transpose", "open_image"]
