@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from dinat import DinatConfig, DinatForImageClassification
-from dinat.modeling_dinat import DinatDropPath, DinatLayer
+from dinat import DinatBackbone
+from dinat.modeling_dinat import DinatDropPath, DinatLayer, NeighborhoodAttention
 from dinat.training import autocast, grad_scaler, parameter_groups
 
 CASES = Path(__file__).parent / "fixtures" / "cases"
@@ -216,6 +217,35 @@ def test_parameter_groups_exempt_biases_norms_rpb_and_layer_scale():
     for name in decayed:
         assert name.endswith(".weight") and "norm" not in name, name
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+def exempt_by_module_type(model: torch.nn.Module) -> set[str]:
+    """The rule training.parameter_groups applied before the model carried no_weight_decay(): by module type."""
+    names = set()
+    for module_name, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            if (name == "bias" or isinstance(module, torch.nn.LayerNorm)
+                    or (isinstance(module, NeighborhoodAttention) and name == "rpb")
+                    or (isinstance(module, DinatLayer) and name == "layer_scale_parameters")):
+                names.add(f"{module_name}.{name}" if module_name else name)
+    return names
+
+
+@pytest.mark.parametrize("build", [
+    lambda: small_model(layer_scale_init_value=1e-5),
+    lambda: small_model(),
+    lambda: DinatBackbone(DinatConfig(embed_dim=16, depths=[1, 1], num_heads=[1, 2], kernel_size=3,
+                                      dilations=[[2], [1]], out_features=["stage1", "stage2"])),
+], ids=["classifier with layer scale", "classifier", "backbone with its output norms"])
+def test_no_weight_decay_names_what_the_module_type_rule_chose(build):
+    model = build()
+    assert model.no_weight_decay() == exempt_by_module_type(model)
+    model.requires_grad_(True)
+    frozen = next(p for n, p in model.named_parameters() if n.endswith(".rpb"))
+    frozen.requires_grad_(False)
+    decay, no_decay = model.parameter_groups(0.1)
+    assert all(p is not frozen for group in (decay, no_decay) for p in group["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == sum(1 for p in model.parameters() if p.requires_grad)
 
 
 # -------------------------------------------------------------------------------------------------

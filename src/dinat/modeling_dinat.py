@@ -475,6 +475,24 @@ class DinatPreTrainedModel(PreTrainedModel):
     def _stages(self) -> list[DinatStage]:
         return [m for m in self.modules() if isinstance(m, DinatStage)]
 
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters weight decay should leave alone (decaying them only hurts): biases and norm
+        weights (the 1-D parameters), relative positional biases and layer scales. The timm convention, which
+        timm's optimizer factory reads."""
+        return {name for name, param in self.named_parameters()
+                if param.ndim <= 1 or name.endswith((".rpb", ".layer_scale_parameters"))}
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """Two optimizer groups of the trainable parameters: with `weight_decay`, and without (`no_weight_decay`)."""
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        exempt = self.no_weight_decay()
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (no_decay if name in exempt else decay).append(param)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
 
 def _resolve(value, default):
     return default if value is None else value

@@ -8,28 +8,28 @@ The model itself carries the rest: drop path (linear over all layers, `config.dr
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
-from torch import nn
 
-from .modeling_dinat import DinatLayer, NeighborhoodAttention
+from .config_validation import DTYPE_NAMES
+from .modeling_dinat import DinatPreTrainedModel
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_SHORT_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_TRAINING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     """'bf16' / 'bfloat16' / torch.bfloat16 ... -> torch dtype; None means float32."""
     if dtype is None:
         return torch.float32
+    name = _SHORT_DTYPE_NAMES.get(dtype.lower(), dtype.lower()) if isinstance(dtype, str) else None
     if isinstance(dtype, torch.dtype):
         resolved = dtype
-    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        resolved = _DTYPES[dtype.lower()]
+    elif name in DTYPE_NAMES:
+        resolved = getattr(torch, name)
     else:
         raise ValueError(f"unknown precision {dtype!r}; choose one of float32, bfloat16, float16")
-    if resolved not in (torch.float32, torch.bfloat16, torch.float16):
+    if resolved not in _TRAINING_DTYPES:
         raise ValueError(f"unsupported precision {resolved}; choose one of float32, bfloat16, float16")
     return resolved
 
@@ -54,26 +54,10 @@ def grad_scaler(device: str | torch.device, dtype: str | torch.dtype | None) -> 
     return torch.amp.GradScaler(device_type, enabled=resolve_dtype(dtype) == torch.float16)
 
 
-def _no_decay_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    """Biases, norm weights, relative position biases and layer scales: decaying them only hurts."""
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if (name == "bias" or isinstance(module, nn.LayerNorm)
-                    or (isinstance(module, NeighborhoodAttention) and name == "rpb")
-                    or (isinstance(module, DinatLayer) and name == "layer_scale_parameters")):
-                yield param
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two optimizer groups: weights with `weight_decay`, the rest (see above) without. Frozen params are left out."""
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    no_decay = {id(p) for p in _no_decay_parameters(model)}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in trainable if id(p) not in no_decay], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if id(p) in no_decay], "weight_decay": 0.0},
-    ]
+def parameter_groups(model: DinatPreTrainedModel, weight_decay: float) -> list[dict]:
+    """Two optimizer groups: weights with `weight_decay`; biases, norms, relative position biases and layer scales
+    without (`model.no_weight_decay()`). Frozen parameters are left out."""
+    return model.parameter_groups(weight_decay)
 
 
 __all__ = ["autocast", "grad_scaler", "parameter_groups", "resolve_dtype"]
