@@ -1,5 +1,6 @@
 """The `dinat predict` and `dinat info` commands: labels against the reference model on golden pixel values,
-variant summaries against the paper's published sizes, and one-line errors."""
+the pipeline against the processor and model called directly, variant summaries against the paper's published
+sizes and the registry, and one-line errors."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import dinat
 from dinat.cli import main
+from dinat.inference import checkpoint_processor, classify, default_processor, load_classifier
 from hub_cache_helpers import (FIXTURES, REPO_ID, build_hub_cache, offline_env, small_dinat_config_dict,
                                small_dinat_state_dict)
 
@@ -52,7 +56,6 @@ def test_predict_json_matches_reference(hub, expected_probs, capsys):
     assert [r["image"] for r in document["results"]] == images
     for name, result in zip(NAMES, document["results"]):
         scores, indices = expected_probs[name].topk(3)
-        assert [p["index"] for p in result["predictions"]] == indices.tolist()
         assert [p["label"] for p in result["predictions"]] == [labels[str(i)] for i in indices.tolist()]
         torch.testing.assert_close(torch.tensor([p["score"] for p in result["predictions"]]), scores,
                                    atol=1e-5, rtol=1e-4)
@@ -76,7 +79,8 @@ def test_predict_with_hub_id_offline_via_console_script(hub, expected_probs):
     proc = run_cli(["predict", str(IMAGES / "gray_150x100.png"), "--model", REPO_ID, "--top-k", "1", "--json"], env)
     assert proc.returncode == 0, proc.stderr
     prediction = json.loads(proc.stdout)["results"][0]["predictions"][0]
-    assert prediction["index"] == expected_probs["gray_150x100"].argmax().item()
+    labels = small_dinat_config_dict()["id2label"]
+    assert prediction["label"] == labels[str(expected_probs["gray_150x100"].argmax().item())]
 
 
 @pytest.mark.parametrize("preset, params_m, gflops", [
@@ -121,7 +125,7 @@ def test_errors_are_one_line(hub, tmp_path, capsys):
     model, good = str(hub["snapshot"]), str(IMAGES / "noise_224.png")
     cases = [
         (["predict", str(tmp_path / "missing.png"), "--model", model], "no such file"),
-        (["predict", good, str(not_image), "--model", model], f"{not_image}: not an image file"),
+        (["predict", good, str(not_image), "--model", model], f"image 2 ('{not_image}'): not an image file"),
         (["predict", good, str(truncated), "--model", model], f"image 2 ('{truncated}'): cannot decode image"),
         (["predict", good, "--model", str(tmp_path / "no-model")], "no such folder"),
         (["predict", good, "--model", model, "--top-k", "0"], "--top-k"),
@@ -144,3 +148,37 @@ def test_offline_errors_from_the_console_script(hub):
 
     proc = run_cli(["--debug", "predict", good, "--model", "shi-labs/dinat-mini-in1k-22"], env)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "CheckpointNotFoundError" in proc.stderr
+
+
+def test_classify_through_the_pipeline_gives_the_processor_and_model_top5(hub, tmp_path):
+    # the path predict took before the pipeline: processor -> model -> softmax -> top-k, here written out
+    model = load_classifier(str(hub["snapshot"]))
+    processor = checkpoint_processor(str(hub["snapshot"]))
+    wide = np.random.default_rng(0).integers(0, 65536, (90, 130), dtype=np.uint16)
+    deep = tmp_path / "sixteen_bit.png"
+    Image.fromarray(wide).save(deep)  # 16-bit grayscale: PIL's own RGB conversion would clip it
+    images = [str(IMAGES / "gradient_640x480.png"), str(IMAGES / "noise_tall_200x300.png"), str(deep)]
+    results = classify(model, processor, images, top_k=5, batch_size=2)
+    labels = model.config.id2label
+    for image, result in zip(images, results):
+        with torch.no_grad():
+            probs = model(processor(image)["pixel_values"]).logits.softmax(-1)[0]
+        scores, indices = probs.topk(5)
+        assert result["image"] == image
+        assert [p["label"] for p in result["predictions"]] == [labels[i] for i in indices.tolist()]
+        torch.testing.assert_close(torch.tensor([p["score"] for p in result["predictions"]]), scores,
+                                   atol=1e-6, rtol=1e-5)
+
+
+def test_info_and_predict_take_a_384_variants_input_from_the_registry(tmp_path, capsys):
+    # a folder named without "384", holding DiNAT-large-384's config and no preprocessor_config.json
+    folder = tmp_path / "checkpoint"
+    dinat.DinatConfig.from_preset("large-384", num_labels=1000).save_pretrained(folder)
+    assert main(["info", str(folder), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["variant"] == "large-384" and summary["input_size"] == [384, 384]
+    assert summary["crop_pct"] == 1.0 and summary["interpolation"] == "bicubic"
+    assert main(["info", "large-11x11-384"]) == 0
+    assert "bicubic resize, crop 1" in capsys.readouterr().out
+    processor = default_processor(dinat.DinatConfig.from_pretrained(folder))
+    assert processor.input_size == (384, 384) and processor.crop_pct == 1.0

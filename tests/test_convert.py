@@ -89,7 +89,8 @@ def test_mini_variant_detected_and_reproduced(tmp_path):
     assert saved["dilations"] == PRESETS["mini"]["dilations"]
     assert saved["depths"] == [3, 4, 6, 5] and saved["kernel_size"] == 7
     processor = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
-    assert processor["size"] == {"height": 224, "width": 224}
+    assert processor["size"] == {"height": 224, "width": 224} and processor["crop_pct"] == 0.875
+    assert processor["resample"] == 3 and processor["image_mean"] == [0.485, 0.456, 0.406]
     assert_reproduces(source, tmp_path / "out", (64, 64))
 
 
@@ -124,16 +125,35 @@ def test_variant_from_shapes(name):
         assert convert_module.infer_config(original)[1] == name
 
 
-def test_224_or_384_needs_a_hint():
+def test_variants_of_the_same_shapes_need_the_original_file_name_or_variant():
     with torch.device("meta"):
         original = to_original_layout(DinatForImageClassification(DinatConfig.from_preset("large", num_labels=3)))
-    with pytest.raises(ValueError, match="--variant"):
-        convert_module.infer_config(original, file_name="weights.pth")
-    config, chosen = convert_module.infer_config(original, file_name="dinat_large_in22k_384.pth")
+    # a name that is not one of the registered original checkpoints' is no hint, whatever it contains
+    for name in ("weights.pth", "my_large_384.pth"):
+        with pytest.raises(ValueError, match="--variant"):
+            convert_module.infer_config(original, file_name=name)
+    config, chosen = convert_module.infer_config(original, file_name="dinat_large_in22k_in1k_384.pth")
     assert chosen == "large-384" and config.dilations[0] == [1, 13, 1]
-    assert convert_module.infer_config(original, file_name="dinat_large_in22k_224.pth")[1] == "large"
+    assert convert_module.infer_config(original, file_name="dinat_large_in22k_in1k_224.pth")[1] == "large"
     with pytest.raises(ValueError, match="not those of variant 'mini'"):
         convert_module.infer_config(original, variant="mini")
+    # NAT checkpoints have DiNAT's shapes; the original file names tell them apart
+    with torch.device("meta"):
+        mini = to_original_layout(DinatForImageClassification(DinatConfig.from_preset("mini", num_labels=3)))
+    assert convert_module.infer_config(mini, file_name="nat_mini.pth")[0].dilations == [[1] * 3, [1] * 4, [1] * 6,
+                                                                                         [1] * 5]
+
+
+def test_processor_written_from_the_registry():
+    # the 384 fine-tunes are evaluated uncropped at 384, the 224 models at crop 0.875 (the original validate.py);
+    # the configs carry no name, so this can only come from the architecture's registry entry
+    for name, size, crop in (("large-384", 384, 1.0), ("large-11x11-384", 384, 1.0), ("large", 224, 0.875)):
+        config = DinatConfig.from_preset(name)
+        processor = convert_module.image_processor(config)
+        assert processor.input_size == (size, size) and processor.crop_pct == crop, name
+        assert processor.resample == 3  # PIL's BICUBIC
+    custom = convert_module.image_processor(DinatConfig(**TINY), image_size=40)
+    assert custom.input_size == (40, 40) and custom.crop_pct == 0.875
 
 
 def _tiny_checkpoint(tmp_path: Path, edit) -> Path:

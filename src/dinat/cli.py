@@ -1,36 +1,25 @@
-"""The `dinat` command. Each subcommand lives in its own module and registers itself here.
+"""The `dinat` command: one subcommand per module of dinat.commands.
 
-A subcommand module exposes `add_parser(subparsers)`, which adds its parser and sets `func` (a callable
-taking the parsed args and returning an exit code). Errors the user can fix are raised as `CliError`
-and printed as one line on stderr; `--debug` shows the traceback instead.
+Errors the user can fix (`CliError`, and the library's ValueError / OSError) are printed as one line on stderr;
+`--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-# module names under dinat. that provide subcommands; a module that is absent is skipped
-SUBCOMMAND_MODULES = ("commands_predict", "bench", "convert")
+from .commands import CliError, bench, convert, info, predict
 
-
-class CliError(Exception):
-    """An error with a message meant for the user (no traceback)."""
+SUBCOMMANDS = (predict, info, bench, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinat", description="Dilated Neighborhood Attention Transformer tools")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"dinat.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"dinat.{name}":
-                continue
-            raise
-        module.add_parser(subparsers)
+    for command in SUBCOMMANDS:
+        command.add_parser(subparsers)
     return parser
 
 

@@ -1,6 +1,6 @@
 """Convert checkpoints of the original DiNAT code (SHI-Labs/Neighborhood-Attention-Transformer) to this library.
 
-    dinat convert dinat_mini_in1k_224.pth converted/dinat-mini [--variant mini]
+    dinat convert dinat_mini_in1k_224.pth converted/dinat-mini [--variant mini]   (dinat.commands.convert)
 
 The original models use timm naming (`levels.0.blocks.1.attn.qkv.weight`, ...). The output folder has the
 layout of the hub checkpoints (`config.json`, `model.safetensors`, `preprocessor_config.json`) and loads
@@ -12,7 +12,6 @@ or the new one, complete. An output folder that holds the checkpoint or the work
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import re
@@ -23,12 +22,11 @@ import torch
 from tqdm import tqdm
 
 from . import atomic
-from .configuration_dinat import _DILATIONS_384, PRESETS, DinatConfig
+from .configuration_dinat import DinatConfig
+from .image_processing_dinat import DinatImageProcessor
 from .loading import CheckpointFileError, _pickle_error, check_weights_file
-
-# ImageNet statistics and bicubic resizing: what the original models were trained with (timm defaults)
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+from .modeling_dinat import DinatForImageClassification
+from .registry import VARIANTS, variant_for_config, variant_for_original_file
 
 # original name -> this library's name; `qkv` and `gamma1/2` are handled separately (one key becomes three,
 # two keys become one)
@@ -125,9 +123,11 @@ def architecture_from_shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, A
 
 
 def matching_variants(arch: dict[str, Any]) -> list[str]:
-    """Presets whose shapes are those of `arch` (several when only the dilations differ, e.g. large, large-384)."""
+    """Registered variants whose shapes are those of `arch` (several when only the dilations differ: large and
+    large-384, mini and nat-mini, ...)."""
     names = []
-    for name, preset in PRESETS.items():
+    for name, variant in VARIANTS.items():
+        preset = variant.architecture
         if (preset["embed_dim"] == arch["embed_dim"] and list(preset["depths"]) == arch["depths"]
                 and list(preset["num_heads"]) == arch["num_heads"]
                 and preset.get("kernel_size", 7) == arch["kernel_size"]
@@ -141,33 +141,32 @@ def infer_config(state_dict: dict[str, torch.Tensor], variant: str | None = None
     """The DinatConfig of an original state dict and the variant chosen.
 
     The shapes give the width, depths, heads and kernel; the dilations come from the variant. When the shapes fit
-    several variants (224 and 384 ones), `variant` chooses, else "384" or "224" in the file name, else it is refused.
+    several variants, `variant` chooses, else the file name when it is a registered original checkpoint's
+    (e.g. dinat_large_in22k_in1k_384.pth), else it is refused.
     """
     arch = architecture_from_shapes(state_dict)
     candidates = matching_variants(arch)
     described = (f"embed_dim={arch['embed_dim']}, depths={arch['depths']}, num_heads={arch['num_heads']}, "
                  f"kernel_size={arch['kernel_size']}, mlp_ratio={arch['mlp_ratio']:g}")
     if variant is not None:
-        if variant not in PRESETS:
-            raise ConversionError(f"unknown variant {variant!r}; choose one of {', '.join(PRESETS)}")
+        if variant not in VARIANTS:
+            raise ConversionError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
         if variant not in candidates:
             raise ConversionError(f"the checkpoint's shapes ({described}) are not those of variant {variant!r}"
                                   + (f"; they match {', '.join(candidates)}" if candidates else ""))
         chosen = variant
     elif not candidates:
         raise ConversionError(f"the checkpoint's shapes ({described}) match no DiNAT variant "
-                              f"({', '.join(PRESETS)}); pass --config with a DinatConfig JSON for a custom model")
+                              f"({', '.join(VARIANTS)}); pass --config with a DinatConfig JSON for a custom model")
     elif len(candidates) == 1:
         chosen = candidates[0]
     else:
-        by_resolution = {name: PRESETS[name]["dilations"] == _DILATIONS_384 for name in candidates}
-        hinted = [name for name, is_384 in by_resolution.items() if is_384 == ("384" in file_name)]
-        if len(hinted) != 1 or not re.search(r"224|384", file_name):
+        named = variant_for_original_file(file_name)
+        if named is None or named.name not in candidates:
             raise ConversionError(f"the checkpoint fits several variants ({', '.join(candidates)}), which differ in "
                                   "their dilations; choose one with --variant")
-        chosen = hinted[0]
-    fields = {key: value for key, value in PRESETS[chosen].items()}
-    fields["num_labels"] = arch["num_labels"]
+        chosen = named.name
+    fields = VARIANTS[chosen].config_fields(num_labels=arch["num_labels"])
     fields["layer_scale_init_value"] = (fields.get("layer_scale_init_value") or 1e-5) if arch["layer_scale"] else 0.0
     return DinatConfig(**fields), chosen
 
@@ -211,19 +210,18 @@ def convert_state_dict(original: dict[str, torch.Tensor]) -> tuple[dict[str, tor
 # -------------------------------------------------------------------------------------------------
 # Writing
 # -------------------------------------------------------------------------------------------------
-def image_processor(image_size: int):
-    """What the hub DiNAT checkpoints carry: bicubic resize to the training size, ImageNet normalization."""
-    from .image_processing_dinat import DinatImageProcessor
-
-    return DinatImageProcessor(size=image_size, resample=3, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+def image_processor(config: DinatConfig, image_size: int | None = None) -> DinatImageProcessor:
+    """The evaluation transform of the registered variant with `config`'s architecture (timm's ImageNet defaults
+    for a custom one), at `image_size` if given."""
+    variant = variant_for_config(config)
+    overrides = {} if image_size is None else {"size": image_size}
+    return DinatImageProcessor.from_variant(variant.pretrained if variant else None, **overrides)
 
 
 def convert_checkpoint(checkpoint: str | Path, output_dir: str | Path, variant: str | None = None,
                        config: DinatConfig | None = None, image_size: int | None = None,
                        labels: list[str] | None = None, overwrite: bool = False, progress: bool = True) -> DinatConfig:
     """Convert an original DiNAT checkpoint into a folder that `from_pretrained` loads. Returns its config."""
-    from .modeling_dinat import DinatForImageClassification  # the model is only needed to check and save
-
     output_dir = Path(output_dir)
     try:  # before anything is read: the output must not hold the checkpoint or the working directory
         atomic.check_target(output_dir, protect=[checkpoint])
@@ -275,9 +273,7 @@ def convert_checkpoint(checkpoint: str | Path, output_dir: str | Path, variant: 
         steps.update()
 
         steps.set_postfix_str("writing")
-        if image_size is None:
-            image_size = 384 if variant is not None and variant.endswith("384") else 224  # the variant's training size
-        _write_atomically(output_dir, model, image_processor(image_size), protect=[checkpoint])
+        _write_atomically(output_dir, model, image_processor(config, image_size), protect=[checkpoint])
         steps.update()
     return config
 
@@ -290,47 +286,6 @@ def _write_atomically(output_dir: Path, model, processor, protect=()) -> None:
             processor.save_pretrained(staging)
     except atomic.UnsafeTargetError as err:
         raise ConversionError(str(err)) from None
-
-
-# -------------------------------------------------------------------------------------------------
-# Command line
-# -------------------------------------------------------------------------------------------------
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "convert", help="convert an original SHI-Labs DiNAT checkpoint (.pth) to a from_pretrained folder",
-        description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="original checkpoint (.pth), a state dict possibly under "
-                                                      "'model' or 'state_dict'")
-    parser.add_argument("output_dir", type=Path, help="folder to create (config.json, model.safetensors, ...)")
-    parser.add_argument("--variant", choices=list(PRESETS), help="DiNAT variant (default: from the shapes)")
-    parser.add_argument("--config", type=Path, help="a DinatConfig JSON for a custom architecture "
-                                                    "(instead of a variant)")
-    parser.add_argument("--image-size", type=int, help="input size for preprocessor_config.json "
-                                                       "(default: 224, or 384 for the 384 variants)")
-    parser.add_argument("--labels", type=Path, help="text file with one class name per line")
-    parser.add_argument("--overwrite", action="store_true", help="replace output_dir if it exists")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    config = None
-    if args.config is not None:
-        if args.variant is not None:
-            raise ConversionError("give either --variant or --config, not both")
-        try:
-            config = DinatConfig.from_json_file(str(args.config))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConversionError(f"cannot read config {args.config}: {err}") from err
-    labels = None
-    if args.labels is not None:
-        labels = [line.strip() for line in args.labels.read_text().splitlines() if line.strip()]
-    if args.image_size is not None and args.image_size < 1:
-        raise ConversionError(f"--image-size must be positive, got {args.image_size}")
-    config = convert_checkpoint(args.checkpoint, args.output_dir, variant=args.variant, config=config,
-                                image_size=args.image_size, labels=labels, overwrite=args.overwrite)
-    print(f"wrote {args.output_dir} (embed_dim={config.embed_dim}, depths={config.depths}, "
-          f"kernel_size={config.kernel_size}, {config.num_labels} classes)")
-    return 0
 
 
 __all__ = ["ConversionError", "convert_checkpoint", "convert_state_dict", "infer_config", "load_original_state_dict"]
