@@ -146,6 +146,10 @@ def test_offline_errors_from_the_console_script(hub):
         assert_one_line_error(args[0], proc.stderr, "HF_HUB_OFFLINE=1")
         assert args[-1] in proc.stderr
 
+    proc = run_cli(["predict", good, "--model", "tiny"], env)  # a preset name where a checkpoint is needed
+    assert_one_line_error("predict", proc.stderr, "is a preset name, not a checkpoint")
+    assert "'shi-labs/dinat-tiny-in1k-224'" in proc.stderr
+
     proc = run_cli(["--debug", "predict", good, "--model", "shi-labs/dinat-mini-in1k-22"], env)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "CheckpointNotFoundError" in proc.stderr
 

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from dinat import DinatImageProcessor
+from dinat.image_processing_dinat import decode_image
 
 PROCESSOR_FIXTURES = Path(__file__).parent / "fixtures" / "processor"
 IMAGES = PROCESSOR_FIXTURES / "images"
@@ -286,3 +287,39 @@ def test_settings_round_trip_and_input_size(tmp_path):
     assert DinatImageProcessor(size={"shortest_edge": 64}).input_size is None
     out = processor(IMAGES / "gradient_640x480.png", return_tensors="np")["pixel_values"]
     assert out.shape == (1, 3, 224, 224)
+
+
+@pytest.mark.parametrize("name", IMAGE_NAMES)
+def test_decoded_image_gives_the_pixels_of_the_file(name, tmp_path):
+    # decode_image is what dinat predict hands to transformers' pipeline: the processor must see the same image
+    processor = DinatImageProcessor.from_variant("mini")
+    path = IMAGES / f"{name}.png"
+    decoded = decode_image(path)
+    assert decoded.shape[0] == 3 and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(processor(decoded, return_tensors="np")["pixel_values"],
+                                  processor(path, return_tensors="np")["pixel_values"])
+
+
+def test_decoded_16_bit_image_keeps_its_range(tmp_path):
+    plane = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)
+    Image.fromarray(plane).save(tmp_path / "deep.png")
+    decoded = decode_image(tmp_path / "deep.png")
+    assert decoded.dtype == np.float32 and decoded.shape == (3, 64, 64)
+    np.testing.assert_allclose(decoded[0], plane / 65535.0, atol=1e-6)
+    processor = DinatImageProcessor(size=48)
+    np.testing.assert_allclose(processor(decoded, return_tensors="np")["pixel_values"],
+                               processor(tmp_path / "deep.png", return_tensors="np")["pixel_values"], atol=1e-5)
+
+
+def test_from_variant_is_the_registered_evaluation_transform():
+    large384 = DinatImageProcessor.from_variant("shi-labs/dinat-large-in22k-in1k-384")
+    assert large384.input_size == (384, 384) and large384.crop_pct == 1.0 and large384.resample == 3
+    mini = DinatImageProcessor.from_variant("mini")
+    assert mini.crop_pct == 0.875 and mini.image_mean == [0.485, 0.456, 0.406]
+    # the paper's 224 evaluation: shorter side to 256, center crop 224
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    expected = DinatImageProcessor(size={"shortest_edge": 256}, resample=3, do_center_crop=True, crop_size=224)
+    np.testing.assert_array_equal(mini(image, return_tensors="np")["pixel_values"],
+                                  expected(image, return_tensors="np")["pixel_values"])
+    with pytest.raises(ValueError, match="unknown DiNAT preset"):
+        DinatImageProcessor.from_variant("huge")

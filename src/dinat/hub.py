@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from .registry import VARIANTS
+
 
 class CheckpointNotFoundError(OSError):
     """A model or processor could not be found locally, in the cache, or (when online) on the hub."""
@@ -44,6 +46,9 @@ def is_cached(repo_id: str, cache_dir: str | os.PathLike | None = None) -> bool:
 def describe_missing(name: str, what: str = "model", cache_dir: str | os.PathLike | None = None) -> str:
     """One sentence: what was looked for, where, and how to fix it."""
     cache = str(cache_dir or hub_cache_dir())
+    if name in VARIANTS and VARIANTS[name].pretrained.hub_id:
+        return (f"cannot load {what} {name!r}: it is a preset name, not a checkpoint; its pretrained checkpoint is "
+                f"{VARIANTS[name].pretrained.hub_id!r} (DinatConfig.from_preset({name!r}) builds the untrained model)")
     looks_like_path = (os.sep in name and not _looks_like_repo_id(name)) or name.startswith((".", "~"))
     if looks_like_path or Path(name).suffix in {".json", ".bin", ".safetensors"}:
         return (f"cannot load {what} {name!r}: there is no such folder or file; check the path "

@@ -6,7 +6,6 @@ import os
 from typing import Any
 
 import torch
-from PIL import Image
 
 from .configuration_dinat import DinatConfig
 from .hub import clear_loading_errors
@@ -33,7 +32,7 @@ def summarize(model_name: str, image_size: list[int] | None = None) -> dict[str,
         source = "checkpoint"
         if processor is not None:
             data = {"input_size": processor.input_size, "crop_pct": processor.crop_pct,
-                    "interpolation": Image.Resampling(processor.resample).name.lower()}
+                    "interpolation": processor.resample.name.lower()}
         else:
             data = _data_config(variant.pretrained if variant else PretrainedCfg())
 
