@@ -80,11 +80,12 @@ def assert_reproduces(source: DinatForImageClassification, output_dir: Path, siz
         torch.testing.assert_close(converted(pixels).logits, source(pixels).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_mini_variant_detected_and_reproduced(tmp_path):
+def test_mini_variant_detected_and_reproduced(tmp_path, capsys):
     source = randomized(DinatConfig.from_preset("mini", num_labels=5))
     checkpoint = tmp_path / "dinat_mini_in1k_224.pth"
     torch.save({"model": to_original_layout(source), "epoch": 3}, checkpoint)
     assert cli_main(["convert", str(checkpoint), str(tmp_path / "out")]) == 0
+    assert "input 224x224, bicubic resize, crop 0.875" in capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["dilations"] == PRESETS["mini"]["dilations"]
     assert saved["depths"] == [3, 4, 6, 5] and saved["kernel_size"] == 7
