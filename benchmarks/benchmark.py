@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from dinat import bench, ops
+from dinat.commands import bench as bench_command
 from dinat.ops import dispatch
 
 HERE = Path(__file__).resolve().parent
@@ -263,7 +264,7 @@ def format_developer_tables(results: dict) -> str:
 
 # -- command line ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = bench.configure(argparse.ArgumentParser(prog="python benchmarks/benchmark.py", description=__doc__,
+    parser = bench_command.configure(argparse.ArgumentParser(prog="python benchmarks/benchmark.py", description=__doc__,
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.set_defaults(parts=",".join(DEFAULT_PARTS), output=Path("bench-results/benchmark.json"))
     parser.add_argument("--op-batch", type=int, default=8, help="batch of the op-level shapes")
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         report(json.loads(args.report.read_text()), args.markdown, args.plot, print)
         return 0
     try:
-        parts = bench.parse_list(args.parts, "parts", PARTS)
+        parts = bench_command.parse_list(args.parts, "parts", PARTS)
         if args.reference_python and "reference" not in parts:
             parts.append("reference")
         if "reference" in parts and not args.reference_python:
@@ -298,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.reference_python:
             check_reference(args.reference_python)
         args.parts = ",".join(p for p in parts if p in bench.PARTS) or "models"
-        kwargs = bench.options(args)
+        kwargs = bench_command.options(args)
         kwargs["parts"] = [p for p in parts if p in bench.PARTS]
-        dtypes = [getattr(torch, d) for d in bench.parse_list(args.op_dtypes, "op-dtypes", ["float32", "bfloat16"])]
-        sizes = bench.parse_list(args.scaling_sizes, "scaling-sizes", kind=int)
+        dtypes = [getattr(torch, d) for d in bench_command.parse_list(args.op_dtypes, "op-dtypes", ["float32", "bfloat16"])]
+        sizes = bench_command.parse_list(args.scaling_sizes, "scaling-sizes", kind=int)
         if args.plot is not None:
             import plot  # noqa: F401  (fail before measuring when matplotlib is missing)
     except (ValueError, ImportError) as err:
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - start:4.0f} s] {text}", file=sys.stderr, flush=True)
 
     results = bench.run_benchmark(**kwargs, progress=progress,
-                                  checkpoint=lambda partial: bench.write(partial, args.output))
+                                  checkpoint=lambda partial: bench_command.write(partial, args.output))
     results["settings"].update(parts=parts, op_batch=args.op_batch, scaling_sizes=sizes,
                                memory_batch=args.memory_batch)
     threads, rounds = results["settings"]["threads"], args.rounds
@@ -334,12 +335,12 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"{part}: {len(cases)} cases")
             measured = bench.run_rounds(cases, rounds, threads, min(args.min_run_time, 0.5), progress)
             results["rows"] += [bench.to_row(c, measured[c.key()], {}) for c in cases]
-            bench.write(results, args.output)
+            bench_command.write(results, args.output)
     if "memory" in parts:
         progress("memory: one fresh process per model")
         results["rows"] += memory_rows(args.model, kwargs["peers"], args.memory_batch, args.size, threads)
 
-    bench.write(results, args.output)
+    bench_command.write(results, args.output)
     print(results["compare"] + "\n")
     report(results, args.markdown, args.plot, progress)
     progress(f"wrote {args.output}")

@@ -593,16 +593,17 @@ def test_cli_error(tmp_path, capsys, case, make, message, absent):
 
 
 def test_predict_shows_load_warnings_on_stderr(tmp_path, capsys, monkeypatch):
-    from dinat.commands_predict import load_classifier
+    from dinat.inference import load_classifier
 
     folder = _with_dtype(torch.int64)(tmp_path)
     with pytest.raises(WeightDtypeError):
         load_classifier(str(folder))
-    # the same checkpoint loaded leniently: the loader's warning reaches stderr, not the quieted logs
+    # the same checkpoint loaded leniently by `dinat predict`: the loader's warning reaches stderr, not the
+    # quieted logs
     original = DinatForImageClassification.from_pretrained
     monkeypatch.setattr(DinatForImageClassification, "from_pretrained",
                         lambda *args, **kwargs: original(*args, strict=False, **kwargs))
-    load_classifier(str(folder))
+    cli_main(["predict", str(_image(tmp_path)), "-m", str(folder), "-k", "1"])
     err = capsys.readouterr().err
     assert "dinat: warning:" in err and "(I64)" in err
 

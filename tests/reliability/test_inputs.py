@@ -187,15 +187,16 @@ def test_exif_orientation_is_applied_for_files_and_pil_images(tmp_path):
 def test_predict_and_pipeline_agree_on_a_rotated_phone_photo(tmp_path):
     from transformers import pipeline
 
-    from dinat.commands_predict import load_classifier, predict
+    from dinat.inference import checkpoint_processor, classify, load_classifier
 
     folder = tmp_path / "model"
     shutil.copytree(MODEL, folder)
     shutil.copy(VIT_PROCESSOR, folder)  # the hub checkpoints' form: pipeline uses transformers' ViT processor
     photo = tmp_path / "phone.jpg"
     _write_phone_photo(photo)
-    model, processor = load_classifier(str(folder))
-    ours = predict(model, processor, [str(photo)], top_k=model.config.num_labels)[0]["predictions"]
+    model = load_classifier(str(folder))
+    processor = checkpoint_processor(str(folder))
+    ours = classify(model, processor, [str(photo)], top_k=model.config.num_labels)[0]["predictions"]
     theirs = pipeline("image-classification", model=str(folder))(str(photo), top_k=model.config.num_labels)
     ours_by_label = {p["label"]: p["score"] for p in ours}
     for row in theirs:
@@ -205,7 +206,7 @@ def test_predict_and_pipeline_agree_on_a_rotated_phone_photo(tmp_path):
         sideways = opened.copy()
     sideways.info.pop("exif", None)
     sideways.getexif().clear()
-    unrotated = predict(model, processor, [sideways], top_k=model.config.num_labels)[0]["predictions"]
+    unrotated = classify(model, processor, [sideways], top_k=model.config.num_labels)[0]["predictions"]
     assert max(abs(ours_by_label[p["label"]] - p["score"]) for p in unrotated) > 1e-3
 
 
