@@ -1,0 +1,65 @@
+"""torch.compile keeps the eager fast paths: the fused neighborhood-attention kernel (`dinat::na2d`) and the
+oneDNN linear epilogues (`dinat::linear_epilogue`) appear in the compiled graph as custom ops, instead of the
+graph falling back to plain ops (slower than eager on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dinat import DinatConfig, DinatForImageClassification, ops
+
+SMALL = dict(embed_dim=16, depths=[2, 1], num_heads=[1, 2], kernel_size=3, dilations=[[1, 2], [1]], mlp_ratio=2.0,
+             num_labels=3)
+
+
+def _graph_ops(model, pixels) -> list[str]:
+    """The call targets of the one graph dynamo captures for `model(pixels)` (fullgraph: a break fails)."""
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=record, fullgraph=True)(pixels)
+    return targets
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused linears need oneDNN")
+def test_compiled_inference_calls_the_eager_kernels():
+    torch.manual_seed(0)
+    model = DinatForImageClassification(DinatConfig(**SMALL)).eval()
+    with torch.no_grad():
+        targets = _graph_ops(model, torch.randn(1, 3, 32, 32))
+    layers = sum(SMALL["depths"])
+    assert targets.count("dinat.na2d.default") == layers
+    # per layer: qkv, attention output (+ residual), MLP in (+ GELU), MLP out (+ residual)
+    assert targets.count("dinat.linear_epilogue.default") == 4 * layers
+
+
+def test_compiled_training_uses_autograd_ops_for_linears():
+    # the oneDNN epilogues have no autograd: with gradients the graph holds plain linears (fused by inductor)
+    torch.manual_seed(0)
+    model = DinatForImageClassification(DinatConfig(**SMALL)).train()
+    targets = _graph_ops(model, torch.randn(1, 3, 32, 32))
+    assert "dinat.linear_epilogue.default" not in targets
+    assert targets.count("dinat.na2d.default") == sum(SMALL["depths"])
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused linears need oneDNN")
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "residual"])
+def test_linear_epilogue_op_passes_opcheck_and_matches_plain_ops(epilogue):
+    import dinat.ops.linear  # noqa: F401  (registers the op)
+
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(2, 5, 8, generator=generator), torch.randn(6, 8, generator=generator), \
+        torch.randn(6, generator=generator)
+    residual = torch.randn(2, 5, 6, generator=generator) if epilogue == "residual" else None
+    gelu = epilogue == "gelu"
+    torch.library.opcheck(torch.ops.dinat.linear_epilogue.default, (x, weight, bias, gelu, residual))
+    expected = torch.nn.functional.linear(x, weight, bias)
+    expected = torch.nn.functional.gelu(expected) if gelu else expected
+    expected = expected + residual if residual is not None else expected
+    with torch.no_grad():
+        torch.testing.assert_close(ops.linear(x, weight, bias, gelu=gelu, residual=residual), expected)
