@@ -57,8 +57,9 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPa
     """
     kernel_size, dilation = _check(q, kernel_size, dilation, rpb, (("key", k), ("value", v)))
     if torch.compiler.is_compiling():
-        # traced (torch.compile / export): no context variable or logging; the config's choice or torch
-        name = "torch" if backend in (None, "auto") else dispatch.validate_backend_name(backend)
+        # traced (torch.compile / export): no context variable or logging; the config's choice, else the
+        # fastest backend that traces into the graph
+        name = dispatch.choose_traced(backend, q, rpb is not None)
     else:
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))
         name = dispatch.choose(backend, q, rpb is not None, needs_grad, kernel_size, dilation)

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 
 import torch
 
+from . import flex_backend
+
 logger = logging.getLogger("dinat.ops")
 
 BACKENDS = ("torch", "flex", "natten")
@@ -102,6 +104,17 @@ def choose(requested: str | None, q: torch.Tensor, has_rpb: bool, needs_grad: bo
         logger.debug("na2d %s %s rpb=%s grad=%s kernel=%s dilation=%s: backend %s (%s)", tuple(q.shape),
                      q.dtype, has_rpb, needs_grad, kernel_size, dilation, name, reason)
     return name
+
+
+def choose_traced(requested: str | None, q: torch.Tensor, has_rpb: bool) -> str:
+    """The backend for a call being traced by torch.compile: the requested one, else flex on CUDA where it can
+    run (flex attention compiles into the graph), else torch (its kernel is one custom op in the graph).
+    Exporting always writes the torch backend out in plain ops. NATTEN's kernels are not traced."""
+    if requested not in (None, "auto"):
+        return validate_backend_name(requested)
+    if q.device.type == "cuda" and not torch.compiler.is_exporting() and flex_backend.can_run(q, has_rpb, True) is None:
+        return "flex"
+    return "torch"
 
 
 # walked in this order on CUDA; on other devices the tiled torch path is the fastest (measured on CPU: NATTEN

@@ -92,7 +92,8 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, d
     scale = dim ** -0.5 if scale is None else scale
     _, score_mod = _mods(height, width, kernel_size, dilation, rpb)
     block_mask = _block_mask(height, width, tuple(kernel_size), tuple(dilation), str(q.device))
-    run = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    # inside a compiled graph flex attention is compiled with it
+    run = _compiled_flex() if q.device.type == "cuda" and not torch.compiler.is_compiling() else flex_attention
     dtype = q.dtype if q.dtype == v.dtype else torch.promote_types(q.dtype, v.dtype)
     q, k, v = (x.to(dtype).reshape(batch, heads, height * width, dim) for x in (q, k, v))
     out = run(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)

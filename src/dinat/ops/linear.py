@@ -2,11 +2,13 @@
 
 aten's CPU `addmm` first copies the broadcast bias into the output and then runs the GEMM, and GELU and
 the residual add are two more passes over the output. oneDNN's `_linear_pointwise` applies bias, GELU or
-the add while the output tile is still in cache: at DiNAT-mini's stage-1 shapes (25088 tokens x 64 channels)
-it is 1.3-2.3x faster than F.linear (+ gelu / + add), and equal in value (the same fp32 arithmetic).
+the add while the output tile is still in cache (faster at DiNAT's many-token, few-channel shapes; the
+same fp32 arithmetic; numbers in docs/performance.md).
 
-It has no autograd, so it runs only where nothing needs gradients; elsewhere (training, other devices,
-torch.compile, which fuses on its own) these are the plain F.linear / F.gelu / add.
+The oneDNN call is wrapped in one custom op, `dinat::linear_epilogue`, with a fake (shape-only) version, so
+that a compiled graph calls the same kernel as eager (inductor cannot lower the raw oneDNN op without its
+own weight prepacking). It has no autograd: it runs only where nothing needs gradients; elsewhere (training,
+other devices) these are the plain F.linear / F.gelu / add, which autograd and inductor handle.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import torch
 import torch.nn.functional as F
 
 
+# read once: torch.compile cannot trace the query itself
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
 def _fused_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype oneDNN computes in, or None where the plain path must run."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available():
+    if x.device.type != "cpu" or not _ONEDNN:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return None
@@ -27,21 +33,43 @@ def _fused_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     return x.dtype if x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16) else None
 
 
+@torch.library.custom_op("dinat::linear_epilogue", mutates_args=())
+def _linear_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool,
+                     residual: torch.Tensor | None) -> torch.Tensor:
+    x, weight = x.contiguous(), weight.contiguous()
+    pointwise = torch.ops.mkldnn._linear_pointwise
+    if residual is not None:
+        return pointwise.binary(x, residual.contiguous(), weight, bias, "add")
+    return pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+
+
+@_linear_epilogue.register_fake
+def _linear_epilogue_fake(x, weight, bias, gelu, residual):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
            residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`residual + act(F.linear(x, weight, bias))`, act = exact (erf) GELU if `gelu` else identity."""
+    """`residual + act(x @ weight.T + bias)`, act = exact (erf) GELU if `gelu` else identity.
+
+    Args:
+        x: (..., in_features) input.
+        weight: (out_features, in_features).
+        bias: (out_features,) or None.
+        gelu: apply the exact GELU after the bias.
+        residual: (..., out_features) added last, or None (not combined with `gelu`).
+
+    Returns:
+        (..., out_features), in the dtype F.linear gives (autocast included).
+    """
     dtype = _fused_dtype(x, weight)
     if dtype is None or (residual is not None and (residual.dtype != dtype or gelu)):
         out = F.linear(x, weight, bias)
         if gelu:
             out = F.gelu(out)
         return out if residual is None else residual + out
-    x, weight = x.to(dtype).contiguous(), weight.to(dtype).contiguous()
     bias = None if bias is None else bias.to(dtype)
-    pointwise = torch.ops.mkldnn._linear_pointwise
-    if residual is not None:
-        return pointwise.binary(x, residual.contiguous(), weight, bias, "add")
-    return pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+    return _linear_epilogue(x.to(dtype), weight.to(dtype), bias, gelu, residual)
 
 
 __all__ = ["linear"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import tiled, traced
-from .plan import plan_call, tile_pair
+from .plan import tile_pair
 
 Pair = tuple[int, int]
 NAME = "torch"
@@ -42,13 +42,13 @@ def _na2d_fake(q, k, v, rpb, kernel_size, dilation, scale, tile, keep_probabilit
     out = q.new_empty(batch, height, width, heads, dim).permute(0, 3, 1, 2, 4)
     kept = []
     if keep_probabilities:
-        half = q.dtype in (torch.float16, torch.bfloat16)
         # the tiling depends on the map's size: a compiled graph specializes on it (the batch stays dynamic)
-        for part in plan_call(int(height), int(width), tuple(kernel_size), tuple(dilation), _tile_arg(tile), half):
+        for part in tiled.plan_for(q, kernel_size, dilation, _tile_arg(tile)):
             if part.keeps_probabilities:
                 ph, pw = part.plan_h, part.plan_w
                 kept.append(q.new_empty(batch, heads, part.rows.n_groups, part.cols.n_groups, ph.n_tiles,
-                                        pw.n_tiles, ph.tile * pw.tile, ph.halo * pw.halo))
+                                        pw.n_tiles, ph.tile * pw.tile, ph.halo * pw.halo,
+                                        dtype=tiled.compute_dtype(q.dtype, q.device)))
     return out, kept
 
 

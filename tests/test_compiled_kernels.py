@@ -1,0 +1,85 @@
+"""torch.compile keeps the eager fast paths: the fused neighborhood-attention kernel (`dinat::na2d`) and the
+oneDNN linear epilogues (`dinat::linear_epilogue`) appear in the compiled graph as custom ops, instead of the
+graph falling back to plain ops (slower than eager on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dinat import DinatConfig, DinatForImageClassification, ops
+
+SMALL = dict(embed_dim=16, depths=[2, 1], num_heads=[1, 2], kernel_size=3, dilations=[[1, 2], [1]], mlp_ratio=2.0,
+             num_labels=3)
+
+
+def _graph_ops(model, pixels) -> list[str]:
+    """The call targets of the one graph dynamo captures for `model(pixels)` (fullgraph: a break fails)."""
+    targets = []
+
+    def record(gm, example_inputs):
+        # custom ops show as their overload ("dinat.na2d") or, in older torch, as the op object
+        targets.extend(getattr(node.target, "_qualname", str(node.target)).replace("::", ".").removesuffix(".default")
+                       for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=record, fullgraph=True)(pixels)
+    return targets
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused linears need oneDNN")
+def test_compiled_inference_calls_the_eager_kernels():
+    torch.manual_seed(0)
+    model = DinatForImageClassification(DinatConfig(**SMALL)).eval()
+    with torch.no_grad():
+        targets = _graph_ops(model, torch.randn(1, 3, 32, 32))
+    layers = sum(SMALL["depths"])
+    assert targets.count("dinat.na2d") == layers
+    # per layer: qkv, attention output (+ residual), MLP in (+ GELU), MLP out (+ residual)
+    assert targets.count("dinat.linear_epilogue") == 4 * layers
+
+
+def test_compiled_training_uses_autograd_ops_for_linears():
+    # the oneDNN epilogues have no autograd: with gradients the graph holds plain linears (fused by inductor)
+    torch.manual_seed(0)
+    model = DinatForImageClassification(DinatConfig(**SMALL)).train()
+    targets = _graph_ops(model, torch.randn(1, 3, 32, 32))
+    assert "dinat.linear_epilogue" not in targets
+    assert targets.count("dinat.na2d") == sum(SMALL["depths"])
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused linears need oneDNN")
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "residual"])
+def test_linear_epilogue_op_passes_opcheck_and_matches_plain_ops(epilogue):
+    import dinat.ops.linear  # noqa: F401  (registers the op)
+
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(2, 5, 8, generator=generator), torch.randn(6, 8, generator=generator), \
+        torch.randn(6, generator=generator)
+    residual = torch.randn(2, 5, 6, generator=generator) if epilogue == "residual" else None
+    gelu = epilogue == "gelu"
+    torch.library.opcheck(torch.ops.dinat.linear_epilogue.default, (x, weight, bias, gelu, residual))
+    expected = torch.nn.functional.linear(x, weight, bias)
+    expected = torch.nn.functional.gelu(expected) if gelu else expected
+    expected = expected + residual if residual is not None else expected
+    with torch.no_grad():
+        torch.testing.assert_close(ops.linear(x, weight, bias, gelu=gelu, residual=residual), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here; GPU backends are tested on a GPU machine")
+def test_compiled_graph_on_cuda_uses_flex_attention():
+    # on CUDA the automatic choice inside a compiled graph is flex attention (compiled with the graph), not the
+    # torch backend's custom op
+    torch.manual_seed(0)
+    config = DinatConfig(**{**SMALL, "embed_dim": 32, "num_heads": [2, 2]})  # flex on CUDA needs head_dim >= 16
+    model = DinatForImageClassification(config).cuda().eval()
+    pixels = torch.randn(2, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        targets = _graph_ops(model, pixels)
+        expected = model(pixels).logits
+        torch._dynamo.reset()
+        got = torch.compile(model, fullgraph=True)(pixels).logits
+    assert "dinat.na2d" not in targets
+    assert sum("flex_attention" in t for t in targets) == sum(SMALL["depths"])
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)  # cuDNN convolutions may use TF32
