@@ -261,6 +261,14 @@ def plan_for(q: torch.Tensor, kernel_size, dilation, tile) -> tuple[ClassPlan, .
     return plan_call(int(q.shape[2]), int(q.shape[3]), tuple(kernel_size), tuple(dilation), tuple(tile), half)
 
 
+def _cut(part: ClassPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dtype: torch.dtype):
+    """One class's scaled query tiles and key and value halos, in the compute dtype."""
+    rows, cols, plan_h, plan_w = part.rows, part.cols, part.plan_h, part.plan_w
+    return (_to_tiles(_group_view(q, rows, cols), plan_h, plan_w, scale, dtype),
+            _to_halos(_group_view(k, rows, cols), plan_h, plan_w, dtype),
+            _to_halos(_group_view(v, rows, cols), plan_h, plan_w, dtype))
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None, kernel_size: Pair,
             dilation: Pair, scale: float, tile=(None, None), keep_probabilities: bool = False):
     """(out, kept probabilities): out (B, heads, H, W, D) is a view of (B, H, W, heads, D) memory (merging heads
@@ -272,9 +280,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor
     dtype = compute_dtype(q.dtype, q.device)
     for part in plan_for(q, kernel_size, dilation, tile):
         rows, cols, plan_h, plan_w = part.rows, part.cols, part.plan_h, part.plan_w
-        q_tiles = _to_tiles(_group_view(q, rows, cols), plan_h, plan_w, scale, dtype)
-        k_halo = _to_halos(_group_view(k, rows, cols), plan_h, plan_w, dtype)
-        v_halo = _to_halos(_group_view(v, rows, cols), plan_h, plan_w, dtype)
+        q_tiles, k_halo, v_halo = _cut(part, q, k, v, scale, dtype)
         bias = _class_bias(rpb, heads, plan_h, plan_w, q.device, dtype)
         keep = keep_probabilities and part.keeps_probabilities
         probs, out_tiles = _attend(q_tiles, k_halo, v_halo, bias[None, :, None, None], keep)
@@ -297,9 +303,7 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dtype = compute_dtype(q.dtype, q.device)
     for part in plan_for(q, kernel_size, dilation, tile):
         rows, cols, plan_h, plan_w = part.rows, part.cols, part.plan_h, part.plan_w
-        q_tiles = _to_tiles(_group_view(q, rows, cols), plan_h, plan_w, scale, dtype)
-        k_halo = _to_halos(_group_view(k, rows, cols), plan_h, plan_w, dtype)
-        v_halo = _to_halos(_group_view(v, rows, cols), plan_h, plan_w, dtype)
+        q_tiles, k_halo, v_halo = _cut(part, q, k, v, scale, dtype)
         out_tiles = _to_tiles(_group_view(out, rows, cols), plan_h, plan_w, dtype=dtype)
         probs = next(kept, None) if part.keeps_probabilities else None
         bias = None if probs is not None else _class_bias(rpb, heads, plan_h, plan_w, q.device, dtype)
