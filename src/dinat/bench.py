@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .configuration_dinat import PRESETS, DinatConfig
 
 PARTS = ("gemm", "models", "compile", "latency", "backbone")
-TARGET_SPEEDUP = 1.4  # DiNAT images/s over each peer's, per mode of the models part (issue 9)
+TARGET_SPEEDUP = 1.4  # DiNAT images/s over each peer's, per mode of the models part
 GEMM_SIZE = 2048
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 MODES = ("inference fp32", "inference bf16 autocast", "training step fp32")
