@@ -35,9 +35,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                             drop_path_rate=0.35, kernel_size=11, dilations=_DILATIONS_224),
 }
 
-# Neighborhood-attention backends (dinat.ops.dispatch.CHOICES, repeated to keep the config import-light).
-NA_BACKENDS = ("auto", "torch", "flex", "natten")
-
 # Options transformers' DinatConfig does not have, and their defaults (save_pretrained writes them only when set).
 _DINAT_ONLY_DEFAULTS = {"use_rpb": True, "na_backend": "auto"}
 
@@ -113,7 +110,7 @@ class DinatConfig(BackboneConfigMixin, PreTrainedConfig):
         self.num_heads = list(self.num_heads)
         self.dilations = [list(stage) for stage in self.dilations]
         self.num_layers = len(self.depths)
-        self.hidden_size = int(embed_dim * 2 ** (len(self.depths) - 1))  # width of the last stage
+        self.hidden_size = self.stage_widths[-1]
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
         # transformers' BackboneConfigMixin keeps, checks and aligns out_features / out_indices (and serializes them)
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
@@ -123,6 +120,11 @@ class DinatConfig(BackboneConfigMixin, PreTrainedConfig):
             field = getattr(err, "field", None) or "config"
             raise ConfigValueError(field, f"DinatConfig.{field}: {err}") from None
         validate_size(self)
+
+    @property
+    def stage_widths(self) -> tuple[int, ...]:
+        """Channels of each stage's features: `embed_dim` doubled by every downsampler before it."""
+        return tuple(self.embed_dim * 2 ** i for i in range(len(self.depths)))
 
     # -- validation (all checks live in dinat.config_validation) ------------------------------------
     def _validate(self) -> None:
