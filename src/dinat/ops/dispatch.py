@@ -41,10 +41,23 @@ def validate_backend_name(name: str, what: str = "backend") -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force a backend for every neighborhood-attention call inside the block ("auto" restores the choice).
+    """Force a backend for every fused neighborhood-attention call inside the block (a context manager).
 
-    >>> with dinat.ops.use_backend("torch"):
-    ...     logits = model(pixel_values).logits
+    Overrides the model config's `na_backend` and `na2d`'s `backend` argument; blocks nest, the innermost wins.
+
+    Args:
+        name: "torch", "flex" or "natten"; "auto" lifts an outer block's forcing (the `backend` argument or the
+            config's `na_backend`, else the automatic choice, applies again).
+
+    Yields:
+        None. Inside the block, a call the forced backend cannot run raises a ValueError saying why.
+
+    Raises:
+        ValueError: an unknown backend name.
+
+    Example:
+        >>> with dinat.ops.use_backend("torch"):
+        ...     logits = model(pixel_values).logits
     """
     token = _forced.set(validate_backend_name(name))
     try:
@@ -104,8 +117,8 @@ def choose(requested: str | None, q: torch.Tensor, has_rpb: bool, needs_grad: bo
     return name
 
 
-# walked in this order on CUDA; on other devices the tiled torch path is the fastest (measured on CPU: NATTEN
-# >= 0.20 runs through uncompiled flex attention there, seconds per call, and eager flex materializes every score)
+# walked in this order on CUDA. Elsewhere the tiled torch path: NATTEN >= 0.20 runs on CPU through uncompiled flex
+# attention, and eager flex materializes all (H*W)^2 scores
 _PREFERENCE_ON_CUDA = ("natten", "flex")
 
 

@@ -48,7 +48,17 @@ def natten_label() -> str:
 
 
 def can_run(q: torch.Tensor, has_rpb: bool, needs_grad: bool) -> str | None:
-    """None if the installed NATTEN can run this call, else why not."""
+    """Whether the installed NATTEN can run a fused call: NATTEN <= 0.17's RPB ops run every call; NATTEN >= 0.20
+    has no RPB, and on CPU runs only where flex attention does, for power-of-two head_dim in [8, 512].
+
+    Args:
+        q: the call's queries (B, heads, H, W, D); their device, dtype and head_dim decide.
+        has_rpb: whether the call adds a relative positional bias.
+        needs_grad: whether the call needs a backward.
+
+    Returns:
+        None if it can, else the reason it cannot (shown in the error when the backend was forced).
+    """
     version = natten_version()
     if version is None:
         return "NATTEN is not installed (pip install natten)"
