@@ -50,6 +50,29 @@ class DinatConfig(BackboneConfigMixin, PreTrainedConfig):
     `DinatConfig.from_preset("tiny")` builds the paper's other variants. Every layer of stage `i` has kernel `kernel_size` and dilation `dilations[i][j]`.
     Backbone outputs are chosen with `out_features` (names from `stage_names`: "stem", "stage1", ...) or
     `out_indices`.
+
+    Args:
+        patch_size: 4, the stem's total stride (two stride-2 convs); the only value checkpoints use.
+        num_channels: channels of the input images.
+        embed_dim: width of the stem and of stage 0; each later stage doubles it (`stage_widths`).
+        depths: layers per stage.
+        num_heads: attention heads per stage; each must divide its stage's width.
+        kernel_size: odd neighborhood size K (K x K keys per query).
+        dilations: one list per stage of one dilation per layer (default: DiNAT-mini's).
+        mlp_ratio: MLP hidden width over the stage width.
+        qkv_bias: whether the query, key and value projections have biases.
+        hidden_dropout_prob: dropout after the embeddings and on the attention and MLP outputs.
+        attention_probs_dropout_prob: dropout on the attention weights.
+        drop_path_rate: stochastic depth of the last layer; it grows linearly from 0 over all layers.
+        hidden_act: the MLP's activation, a name in transformers' ACT2FN.
+        initializer_range: standard deviation of the initial weights.
+        layer_norm_eps: epsilon of the layer norms.
+        layer_scale_init_value: initial layer scale of both residual branches (0: no layer scale).
+        out_features: the backbone's outputs by name (from `stage_names`).
+        out_indices: the same by index into `stage_names`.
+        use_rpb: whether attention adds a relative positional bias (every released checkpoint does).
+        na_backend: the neighborhood-attention backend, "auto" or one of `dinat.ops.BACKENDS`.
+        **kwargs: transformers' PreTrainedConfig fields (num_labels, id2label, problem_type, ...).
     """
 
     model_type = "dinat"
