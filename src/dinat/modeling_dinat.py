@@ -106,6 +106,8 @@ class DinatPatchEmbeddings(nn.Module):
 
 
 class DinatEmbeddings(nn.Module):
+    """Checked pixels (B, num_channels, H, W) -> normalized patch embeddings (B, H/4, W/4, embed_dim)."""
+
     def __init__(self, config: DinatConfig):
         super().__init__()
         self.patch_embeddings = DinatPatchEmbeddings(config)
@@ -113,6 +115,9 @@ class DinatEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        first_conv = self.patch_embeddings.projection[0]
+        check_pixel_values(pixel_values, first_conv.in_channels)
+        pixel_values = pixel_values.to(first_conv.weight.dtype)  # float32 images into a half-precision model
         return self.dropout(self.norm(self.patch_embeddings(pixel_values)))
 
 
@@ -571,9 +576,6 @@ class DinatModel(DinatPreTrainedModel):
         check_forward_kwargs(self, kwargs)
         output_attentions = _resolve(output_attentions, self.config.output_attentions)
         output_hidden_states = _resolve(output_hidden_states, self.config.output_hidden_states)
-        check_pixel_values(pixel_values, self.config.num_channels)
-        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection[0].weight.dtype)
-
         embedding_output = self.embeddings(pixel_values)  # (B, H/4, W/4, C)
         encoder_outputs = self.encoder(embedding_output, output_attentions=output_attentions,
                                        output_hidden_states=output_hidden_states)
@@ -735,9 +737,6 @@ class DinatBackbone(BackboneMixin, DinatPreTrainedModel):
         """
         check_forward_kwargs(self, kwargs)
         output_attentions = _resolve(output_attentions, self.config.output_attentions)
-        check_pixel_values(pixel_values, self.config.num_channels)
-        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection[0].weight.dtype)
-
         outputs = self.encoder(self.embeddings(pixel_values), output_attentions=output_attentions,
                                output_hidden_states=True, output_hidden_states_before_downsampling=True)
         feature_maps = ()

@@ -27,15 +27,16 @@ import torch
 
 logger = logging.getLogger("dinat.ops")
 
-BACKENDS = ("torch", "flex", "natten")
+_MODULES = {"torch": "torch_backend", "flex": "flex_backend", "natten": "natten_backend"}
+BACKENDS = tuple(_MODULES)
 CHOICES = ("auto",) + BACKENDS
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dinat_na_backend", default=None)
 
 
-def validate_backend_name(name: str, what: str = "backend") -> str:
+def validate_backend_name(name: str) -> str:
     if name not in CHOICES:
-        raise ValueError(f"unknown neighborhood-attention {what} {name!r}; choose one of {list(CHOICES)}")
+        raise ValueError(f"unknown neighborhood-attention backend {name!r}; choose one of {list(CHOICES)}")
     return name
 
 
@@ -72,10 +73,6 @@ def forced_backend() -> str | None:
     return None if name in (None, "auto") else name
 
 
-# -- the backends: each module owns `can_run(q, has_rpb, needs_grad)` (None, or why not) and `na2d` ---------
-_MODULES = {"torch": "torch_backend", "flex": "flex_backend", "natten": "natten_backend"}
-
-
 def backend(name: str):
     """The module of backend `name` (imported on first use; NATTEN itself only when asked about)."""
     if name not in _MODULES:
@@ -90,10 +87,6 @@ def why_not(name: str, q: torch.Tensor, has_rpb: bool, needs_grad: bool) -> str 
 
 def natten_version() -> tuple[int, ...] | None:
     return backend("natten").natten_version()
-
-
-def natten_label() -> str:
-    return backend("natten").natten_label()
 
 
 def flex_available() -> bool:
@@ -135,4 +128,4 @@ def _automatic(q: torch.Tensor, has_rpb: bool, needs_grad: bool) -> tuple[str, s
 
 
 __all__ = ["BACKENDS", "CHOICES", "use_backend", "forced_backend", "choose", "why_not", "natten_version",
-           "flex_available", "validate_backend_name", "backend", "natten_label"]
+           "flex_available", "validate_backend_name", "backend"]

@@ -15,7 +15,6 @@ import torch
 from .plan import window_start
 
 Pair = tuple[int, int]
-NAME = "flex"
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,4 +107,4 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, d
     return out.view(batch, heads, height, width, dim)
 
 
-__all__ = ["NAME", "can_run", "flex_available", "na2d"]
+__all__ = ["can_run", "flex_available", "na2d"]

@@ -17,7 +17,6 @@ import torch
 from . import flex_backend
 
 Pair = tuple[int, int]
-NAME = "natten"
 logger = logging.getLogger("dinat.ops")
 
 
@@ -100,4 +99,4 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, d
     return functional.na2d_av(weights, v, kernel_size, dilation)
 
 
-__all__ = ["NAME", "can_run", "natten_version", "natten_label", "na2d"]
+__all__ = ["can_run", "natten_version", "natten_label", "na2d"]
