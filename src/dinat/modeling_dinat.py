@@ -459,7 +459,22 @@ class DinatPreTrainedModel(PreTrainedModel):
         """transformers' from_pretrained (folders, hub ids, cache, revision, offline), with clear errors for
         corrupt files, unsafe pickles, missing/unexpected keys and shape mismatches (see dinat.loading), for
         checkpoints that cannot be found (see dinat.hub), and NAT checkpoints (trunk under `nat.`) loaded as DiNAT.
-        Extra keyword: `strict=False` downgrades missing/unexpected keys to transformers' warnings."""
+
+        Args:
+            pretrained_model_name_or_path: a checkpoint folder or a hub id (e.g. "shi-labs/dinat-mini-in1k-224").
+            *model_args: passed to the model's constructor, as in transformers.
+            **kwargs: transformers' keywords (revision, cache_dir, dtype, device_map, num_labels,
+                ignore_mismatched_sizes, output_loading_info, ...), plus `strict=False`, which turns missing or
+                unexpected keys into transformers' warnings.
+
+        Returns:
+            The model in eval mode, or (model, loading_info) with output_loading_info=True.
+
+        Raises:
+            CheckpointFileError: a corrupt, truncated or unsafe weights file.
+            CheckpointMismatchError: missing/unexpected keys or shape mismatches.
+            MissingHeadError: a classifier whose head is not in the checkpoint, no new head asked for.
+        """
         from .hub import clear_loading_errors
 
         # DiNAT checkpoints have no `nat.` keys, so this renaming only ever touches NAT checkpoints
@@ -481,8 +496,17 @@ class DinatPreTrainedModel(PreTrainedModel):
                         **kwargs) -> None:
         """transformers' save_pretrained, written atomically (see dinat.atomic): the folder holds the old or the
         new checkpoint at every instant, old weight files never survive (sharded over unsharded and back), other
-        files in it (preprocessor_config.json, README.md, ...) are kept. A file path or a folder holding the
-        working directory is refused with an error."""
+        files in it (preprocessor_config.json, README.md, ...) are kept.
+
+        Args:
+            save_directory: the checkpoint folder (created if needed).
+            *args, **kwargs: transformers' (max_shard_size, safe_serialization, ...).
+            is_main_process: False writes nothing (the other processes of a distributed run).
+            push_to_hub: upload through transformers' own path.
+
+        Raises:
+            UnsafeTargetError: `save_directory` is a file, or the working directory or a folder holding it.
+        """
         if not is_main_process or push_to_hub:  # nothing written here / transformers' upload path, unchanged
             return super().save_pretrained(save_directory, *args, is_main_process=is_main_process,
                                            push_to_hub=push_to_hub, **kwargs)
@@ -513,7 +537,15 @@ class DinatPreTrainedModel(PreTrainedModel):
         super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
 
     def set_grad_checkpointing(self, enable: bool = True, stages: list[int] | None = None) -> None:
-        """timm-style switch; `stages` limits it to some stage indices (default: all), every layer of each."""
+        """timm-style activation-checkpointing switch (recompute layers in backward to save memory).
+
+        Args:
+            enable: turn checkpointing on or off.
+            stages: stage indices to switch (default: all); every layer of each.
+
+        Raises:
+            ValueError: a stage index out of range.
+        """
         all_stages = self._stages()
         if stages is not None:
             bad = [i for i in stages if not isinstance(i, int) or not 0 <= i < len(all_stages)]
@@ -621,7 +653,12 @@ class DinatForImageClassification(DinatPreTrainedModel):
         return pooled if pre_logits else self.classifier(pooled)
 
     def reset_classifier(self, num_labels: int, id2label: dict[int, str] | None = None) -> None:
-        """Replace the head with a freshly initialized one for `num_labels` classes (0: no head)."""
+        """Replace the head with a freshly initialized one (the config follows).
+
+        Args:
+            num_labels: classes of the new head (0: no head, the logits are the pooled features).
+            id2label: names of the new classes, by index.
+        """
         self.num_labels = num_labels
         self.config.num_labels = num_labels
         if id2label is not None:
