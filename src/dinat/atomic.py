@@ -111,7 +111,7 @@ def replace_checkpoint(target: str | os.PathLike, owns: Callable[[str], bool] = 
         yield path
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path, exclusive=True):
+    with _locked(path):
         _clean_stale(path)
     staging = path.parent / f".{path.name}{_STAGING}{os.getpid()}-{secrets.token_hex(4)}"
     os.mkdir(staging)  # mode 0o777 minus the umask, as any folder the user creates
@@ -119,7 +119,7 @@ def replace_checkpoint(target: str | os.PathLike, owns: Callable[[str], bool] = 
     try:
         yield staging
         _fsync_tree(staging)
-        with _locked(path, exclusive=True):
+        with _locked(path):
             if path.is_dir():
                 for entry in os.listdir(path):
                     if not owns(entry) and not os.path.lexists(staging / entry):
@@ -165,7 +165,7 @@ def restore_interrupted(folder: str | os.PathLike) -> None:
         return
     if any(p.name.startswith(f".{path.name}{_OLD}") for p in _siblings(path)):
         try:
-            with _locked(path, exclusive=True):
+            with _locked(path):
                 _clean_stale(path)
         except OSError:  # a read-only location: the load then reports the folder as missing
             pass
@@ -186,13 +186,14 @@ def _siblings(path: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _locked(path: Path, exclusive: bool) -> Iterator[None]:
+def _locked(path: Path) -> Iterator[None]:
+    """Hold the exclusive (writer's) lock of `path`, creating its lock file if needed."""
     if fcntl is None:  # pragma: no cover - Windows
         yield
         return
     fd = os.open(_lock_path(path), os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

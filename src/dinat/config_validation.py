@@ -14,6 +14,8 @@ import os
 from numbers import Integral, Real
 from typing import Any
 
+from .ops.dispatch import CHOICES as BACKEND_CHOICES
+
 # Bounds on sizes, so that a typo in a config file cannot ask for unbounded time or memory.
 MAX_NUM_LABELS = 1_000_000  # ImageNet-22k has 21,841 classes; a label dict this size already takes ~0.2 GB
 MAX_PARAMETERS = 10_000_000_000  # 40 GB of float32 weights; DiNAT-large has 200M
@@ -102,7 +104,7 @@ def validate_dinat_fields(config) -> None:
                                                 f"depths[{i}] is {depth}: give one dilation per layer")
         for j, dilation in enumerate(stage_dilations):
             _check_int(f"dilations[{i}][{j}]", dilation, 1)
-        width = config.embed_dim * 2 ** i
+        width = config.stage_widths[i]
         if width % heads:
             raise ConfigValueError("num_heads", f"DinatConfig.num_heads[{i}] = {heads} does not divide stage {i}'s "
                                                 f"width {width} (embed_dim * 2**{i})")
@@ -127,10 +129,8 @@ def validate_dinat_fields(config) -> None:
     _check_real("initializer_range", config.initializer_range, 0.0, low_open=True)
     _check_real("layer_norm_eps", config.layer_norm_eps, 0.0, low_open=True)
     _check_real("layer_scale_init_value", config.layer_scale_init_value, 0.0)
-    from .configuration_dinat import NA_BACKENDS
-
-    if not isinstance(config.na_backend, str) or config.na_backend not in NA_BACKENDS:
-        _fail("na_backend", f"must be one of {list(NA_BACKENDS)}", config.na_backend)
+    if not isinstance(config.na_backend, str) or config.na_backend not in BACKEND_CHOICES:
+        _fail("na_backend", f"must be one of {list(BACKEND_CHOICES)}", config.na_backend)
 
 
 def validate_base_kwargs(kwargs: dict[str, Any]) -> None:
@@ -184,14 +184,12 @@ def estimated_parameters(config) -> int:
     """About how many parameters `config` builds (biases and norms included; exact to within a few percent)."""
     total = config.num_channels * 9 * (config.embed_dim // 2) + 9 * (config.embed_dim // 2) * config.embed_dim
     rpb_cells = (2 * config.kernel_size - 1) ** 2
-    for i, (depth, heads) in enumerate(zip(config.depths, config.num_heads)):
-        dim = config.embed_dim * 2 ** i
+    for i, (depth, heads, dim) in enumerate(zip(config.depths, config.num_heads, config.stage_widths)):
         hidden = int(config.mlp_ratio * dim)
         total += depth * (4 * dim * dim + 2 * dim * hidden + heads * rpb_cells + 9 * dim)
         if i < len(config.depths) - 1:
             total += 9 * dim * 2 * dim + 4 * dim
-    width = config.embed_dim * 2 ** (len(config.depths) - 1)
-    return total + (width + 1) * (config.num_labels or 0)
+    return total + (config.stage_widths[-1] + 1) * (config.num_labels or 0)
 
 
 def validate_size(config) -> None:
@@ -220,18 +218,18 @@ def read_json_object(path: str | os.PathLike, what: str = "config file") -> dict
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigFileError(f"{path}: corrupt {what}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    too_deep = ConfigFileError(f"{path}: corrupt {what}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise json.JSONDecodeError(f"{path}: corrupt {what}: invalid JSON ({err.msg})", err.doc, err.pos) from None
     except RecursionError:
-        value = None
-    depth = _nesting(value) if value is not None else MAX_JSON_DEPTH + 1
-    if depth > MAX_JSON_DEPTH:
-        raise ConfigFileError(f"{path}: corrupt {what}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
+        raise too_deep from None
+    if _nesting(value) > MAX_JSON_DEPTH:
+        raise too_deep
     if not isinstance(value, dict):
-        raise ConfigFileError(f"{path}: corrupt {what}: holds a JSON {type(value).__name__}, not an object "
-                              "of settings")
+        kind = "null" if value is None else type(value).__name__
+        raise ConfigFileError(f"{path}: corrupt {what}: holds a JSON {kind}, not an object of settings")
     return value
 
 

@@ -14,9 +14,6 @@ from .config_validation import (ConfigFileError, ConfigValueError, read_json_obj
                                 validate_dinat_fields, validate_size)
 from .registry import PRESETS, get_variant
 
-# Neighborhood-attention backends (dinat.ops.dispatch.CHOICES, repeated to keep the config import-light).
-NA_BACKENDS = ("auto", "torch", "flex", "natten")
-
 # Options transformers' DinatConfig does not have, and their defaults (save_pretrained writes them only when set).
 _DINAT_ONLY_DEFAULTS = {"use_rpb": True, "na_backend": "auto"}
 
@@ -32,6 +29,29 @@ class DinatConfig(BackboneConfigMixin, PreTrainedConfig):
     `DinatConfig.from_preset("tiny")` builds the paper's other variants. Every layer of stage `i` has kernel `kernel_size` and dilation `dilations[i][j]`.
     Backbone outputs are chosen with `out_features` (names from `stage_names`: "stem", "stage1", ...) or
     `out_indices`.
+
+    Args:
+        patch_size: 4, the stem's total stride (two stride-2 convs); the only value checkpoints use.
+        num_channels: channels of the input images.
+        embed_dim: width of the stem and of stage 0; each later stage doubles it (`stage_widths`).
+        depths: layers per stage.
+        num_heads: attention heads per stage; each must divide its stage's width.
+        kernel_size: odd neighborhood size K (K x K keys per query).
+        dilations: one list per stage of one dilation per layer (default: DiNAT-mini's).
+        mlp_ratio: MLP hidden width over the stage width.
+        qkv_bias: whether the query, key and value projections have biases.
+        hidden_dropout_prob: dropout after the embeddings and on the attention and MLP outputs.
+        attention_probs_dropout_prob: dropout on the attention weights.
+        drop_path_rate: stochastic depth of the last layer; it grows linearly from 0 over all layers.
+        hidden_act: the MLP's activation, a name in transformers' ACT2FN.
+        initializer_range: standard deviation of the initial weights.
+        layer_norm_eps: epsilon of the layer norms.
+        layer_scale_init_value: initial layer scale of both residual branches (0: no layer scale).
+        out_features: the backbone's outputs by name (from `stage_names`).
+        out_indices: the same by index into `stage_names`.
+        use_rpb: whether attention adds a relative positional bias (every released checkpoint does).
+        na_backend: the neighborhood-attention backend, "auto" or one of `dinat.ops.BACKENDS`.
+        **kwargs: transformers' PreTrainedConfig fields (num_labels, id2label, problem_type, ...).
     """
 
     model_type = "dinat"
@@ -92,7 +112,7 @@ class DinatConfig(BackboneConfigMixin, PreTrainedConfig):
         self.num_heads = list(self.num_heads)
         self.dilations = [list(stage) for stage in self.dilations]
         self.num_layers = len(self.depths)
-        self.hidden_size = int(embed_dim * 2 ** (len(self.depths) - 1))  # width of the last stage
+        self.hidden_size = self.stage_widths[-1]
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
         # transformers' BackboneConfigMixin keeps, checks and aligns out_features / out_indices (and serializes them)
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
@@ -102,6 +122,11 @@ class DinatConfig(BackboneConfigMixin, PreTrainedConfig):
             field = getattr(err, "field", None) or "config"
             raise ConfigValueError(field, f"DinatConfig.{field}: {err}") from None
         validate_size(self)
+
+    @property
+    def stage_widths(self) -> tuple[int, ...]:
+        """Channels of each stage's features: `embed_dim` doubled by every downsampler before it."""
+        return tuple(self.embed_dim * 2 ** i for i in range(len(self.depths)))
 
     # -- validation (all checks live in dinat.config_validation) ------------------------------------
     def _validate(self) -> None:

@@ -8,9 +8,12 @@ Feature maps are channels-last, (batch, height, width, channels), between module
 
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 import math
 from dataclasses import dataclass
+from typing import Unpack
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +24,7 @@ from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from . import atomic, ops
@@ -34,8 +37,16 @@ from .loading import checked_from_pretrained
 # -------------------------------------------------------------------------------------------------
 @dataclass
 class DinatEncoderOutput(ModelOutput):
-    """hidden_states: (B, H, W, C) per stage (embeddings first); reshaped_hidden_states: the same as (B, C, H, W);
-    attentions: (B, heads, H, W, K*K) of each stage's last layer."""
+    """What the encoder (the four stages) returns.
+
+    Attributes:
+        last_hidden_state: (B, h, w, C_last) output of the last stage.
+        hidden_states: with output_hidden_states, the embeddings' (B, H/4, W/4, C) then each stage's output
+            (B, h, w, C_i), channels-last.
+        attentions: with output_attentions, each stage's last layer's weights (B, heads, h, w, K*K), keys in
+            row-major window order.
+        reshaped_hidden_states: `hidden_states` as (B, C, h, w).
+    """
 
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -45,8 +56,16 @@ class DinatEncoderOutput(ModelOutput):
 
 @dataclass
 class DinatModelOutput(ModelOutput):
-    last_hidden_state: torch.Tensor | None = None  # (B, H/32, W/32, C) after the final norm
-    pooler_output: torch.Tensor | None = None  # (B, C) mean over positions
+    """What DinatModel returns.
+
+    Attributes:
+        last_hidden_state: (B, ceil(H/32), ceil(W/32), C_last) after the final norm.
+        pooler_output: (B, C_last) mean of last_hidden_state over positions (None without the pooling layer).
+        hidden_states, attentions, reshaped_hidden_states: as in DinatEncoderOutput.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     reshaped_hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -54,8 +73,16 @@ class DinatModelOutput(ModelOutput):
 
 @dataclass
 class DinatImageClassifierOutput(ModelOutput):
+    """What DinatForImageClassification returns.
+
+    Attributes:
+        loss: scalar loss when labels were given.
+        logits: (B, num_labels).
+        hidden_states, attentions, reshaped_hidden_states: as in DinatEncoderOutput.
+    """
+
     loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None  # (B, num_labels)
+    logits: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     reshaped_hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -69,7 +96,6 @@ class DinatPatchEmbeddings(nn.Module):
 
     def __init__(self, config: DinatConfig):
         super().__init__()
-        self.num_channels = config.num_channels
         self.projection = nn.Sequential(
             nn.Conv2d(config.num_channels, config.embed_dim // 2, kernel_size=3, stride=2, padding=1),
             nn.Conv2d(config.embed_dim // 2, config.embed_dim, kernel_size=3, stride=2, padding=1),
@@ -80,6 +106,8 @@ class DinatPatchEmbeddings(nn.Module):
 
 
 class DinatEmbeddings(nn.Module):
+    """Checked pixels (B, num_channels, H, W) -> normalized patch embeddings (B, H/4, W/4, embed_dim)."""
+
     def __init__(self, config: DinatConfig):
         super().__init__()
         self.patch_embeddings = DinatPatchEmbeddings(config)
@@ -87,6 +115,9 @@ class DinatEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        first_conv = self.patch_embeddings.projection[0]
+        check_pixel_values(pixel_values, first_conv.in_channels)
+        pixel_values = pixel_values.to(first_conv.weight.dtype)  # float32 images into a half-precision model
         return self.dropout(self.norm(self.patch_embeddings(pixel_values)))
 
 
@@ -107,7 +138,12 @@ class DinatDownsampler(nn.Module):
 # Neighborhood attention
 # -------------------------------------------------------------------------------------------------
 class NeighborhoodAttention(nn.Module):
-    """Multi-head (dilated) neighborhood attention with relative positional bias (rpb, unless use_rpb=False)."""
+    """Multi-head (dilated) neighborhood attention with relative positional bias (rpb, unless use_rpb=False).
+
+    Channels-last in and out: (B, H, W, dim) -> (B, H, W, dim), plus the attention weights
+    (B, num_heads, H, W, kernel_size ** 2) when asked for (else None). The map must be at least
+    kernel_size * dilation on each axis (DinatLayer pads smaller ones).
+    """
 
     def __init__(self, config: DinatConfig, dim: int, num_heads: int, kernel_size: int, dilation: int):
         super().__init__()
@@ -115,11 +151,11 @@ class NeighborhoodAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.kernel_size = kernel_size
         self.dilation = dilation
-        self.backend = getattr(config, "na_backend", "auto")
+        self.backend = config.na_backend
         self.query = nn.Linear(dim, dim, bias=config.qkv_bias)
         self.key = nn.Linear(dim, dim, bias=config.qkv_bias)
         self.value = nn.Linear(dim, dim, bias=config.qkv_bias)
-        if getattr(config, "use_rpb", True):
+        if config.use_rpb:
             self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
         else:
             self.register_parameter("rpb", None)
@@ -253,9 +289,7 @@ class DinatLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: DinatConfig, dim: int, num_heads: int, dilation: int, drop_path_rate: float = 0.0):
         super().__init__()
-        self.kernel_size = config.kernel_size
-        self.dilation = dilation
-        self.window_size = self.kernel_size * self.dilation
+        self.window_size = config.kernel_size * dilation
         self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.attention = NeighborhoodAttentionModule(config, dim, num_heads, config.kernel_size, dilation)
         self.drop_path = DinatDropPath(drop_path_rate)
@@ -305,7 +339,6 @@ class DinatStage(nn.Module):
     def __init__(self, config: DinatConfig, dim: int, depth: int, num_heads: int, dilations: list[int],
                  drop_path_rate: list[float], downsample: bool):
         super().__init__()
-        self.dim = dim
         self.layers = nn.ModuleList(
             DinatLayer(config, dim, num_heads, dilations[i], drop_path_rate[i]) for i in range(depth))
         self.downsample = DinatDownsampler(dim) if downsample else None
@@ -325,20 +358,20 @@ class DinatStage(nn.Module):
 class DinatEncoder(nn.Module):
     def __init__(self, config: DinatConfig):
         super().__init__()
-        self.num_levels = len(config.depths)
+        num_stages = len(config.depths)
         # drop path grows linearly over all layers of all stages
         rates = [x.item() for x in torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu")]
         self.levels = nn.ModuleList(
             DinatStage(
                 config,
-                dim=int(config.embed_dim * 2 ** i),
+                dim=config.stage_widths[i],
                 depth=config.depths[i],
                 num_heads=config.num_heads[i],
                 dilations=config.dilations[i],
                 drop_path_rate=rates[sum(config.depths[:i]):sum(config.depths[:i + 1])],
-                downsample=i < self.num_levels - 1,
+                downsample=i < num_stages - 1,
             )
-            for i in range(self.num_levels)
+            for i in range(num_stages)
         )
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False,
@@ -385,10 +418,31 @@ def check_pixel_values(pixel_values: torch.Tensor, num_channels: int) -> None:
         raise ValueError(f"pixel_values has an empty image: shape {tuple(pixel_values.shape)}")
 
 
+# What transformers may pass to any model's forward (its TransformersKwargs): the Trainer's num_items_in_batch,
+# the output flags, and the attention/position keywords that composite models hand on to their submodules.
+# DiNAT reads the output flags and has no use for the rest; any other keyword is a caller's mistake.
+TRANSFORMERS_FORWARD_KWARGS = TransformersKwargs.__required_keys__ | TransformersKwargs.__optional_keys__
+
+
+def check_forward_kwargs(model: nn.Module, kwargs: dict) -> None:
+    """Raise a TypeError naming the first keyword argument of `model.forward` that transformers would not pass
+    (a typo such as `label=` for `labels=` would otherwise be silently ignored)."""
+    unknown = [name for name in kwargs if name not in TRANSFORMERS_FORWARD_KWARGS]
+    if not unknown:
+        return
+    named = [name for name in inspect.signature(model.forward).parameters if name != "kwargs"] + ["return_dict"]
+    close = difflib.get_close_matches(unknown[0], named, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(named)}"
+    raise TypeError(f"{type(model).__name__}.forward() got an unexpected keyword argument {unknown[0]!r}{hint}")
+
+
 NAT_KEY_MAPPING = {r"^nat\.": "dinat."}  # transformers' NAT keeps the trunk under `nat.`, DiNAT under `dinat.`
 
 
 class DinatPreTrainedModel(PreTrainedModel):
+    """Weight initialization, checked `from_pretrained`, atomic `save_pretrained` and gradient checkpointing for
+    every DiNAT model; the rest (hub, cache, dtype, device) is transformers' PreTrainedModel."""
+
     config_class = DinatConfig
     config: DinatConfig
     base_model_prefix = "dinat"
@@ -405,7 +459,22 @@ class DinatPreTrainedModel(PreTrainedModel):
         """transformers' from_pretrained (folders, hub ids, cache, revision, offline), with clear errors for
         corrupt files, unsafe pickles, missing/unexpected keys and shape mismatches (see dinat.loading), for
         checkpoints that cannot be found (see dinat.hub), and NAT checkpoints (trunk under `nat.`) loaded as DiNAT.
-        Extra keyword: `strict=False` downgrades missing/unexpected keys to transformers' warnings."""
+
+        Args:
+            pretrained_model_name_or_path: a checkpoint folder or a hub id (e.g. "shi-labs/dinat-mini-in1k-224").
+            *model_args: passed to the model's constructor, as in transformers.
+            **kwargs: transformers' keywords (revision, cache_dir, dtype, device_map, num_labels,
+                ignore_mismatched_sizes, output_loading_info, ...), plus `strict=False`, which turns missing or
+                unexpected keys into transformers' warnings.
+
+        Returns:
+            The model in eval mode, or (model, loading_info) with output_loading_info=True.
+
+        Raises:
+            CheckpointFileError: a corrupt, truncated or unsafe weights file.
+            CheckpointMismatchError: missing/unexpected keys or shape mismatches.
+            MissingHeadError: a classifier whose head is not in the checkpoint, no new head asked for.
+        """
         from .hub import clear_loading_errors
 
         # DiNAT checkpoints have no `nat.` keys, so this renaming only ever touches NAT checkpoints
@@ -427,8 +496,17 @@ class DinatPreTrainedModel(PreTrainedModel):
                         **kwargs) -> None:
         """transformers' save_pretrained, written atomically (see dinat.atomic): the folder holds the old or the
         new checkpoint at every instant, old weight files never survive (sharded over unsharded and back), other
-        files in it (preprocessor_config.json, README.md, ...) are kept. A file path or a folder holding the
-        working directory is refused with an error."""
+        files in it (preprocessor_config.json, README.md, ...) are kept.
+
+        Args:
+            save_directory: the checkpoint folder (created if needed).
+            *args, **kwargs: transformers' (max_shard_size, safe_serialization, ...).
+            is_main_process: False writes nothing (the other processes of a distributed run).
+            push_to_hub: upload through transformers' own path.
+
+        Raises:
+            UnsafeTargetError: `save_directory` is a file, or the working directory or a folder holding it.
+        """
         if not is_main_process or push_to_hub:  # nothing written here / transformers' upload path, unchanged
             return super().save_pretrained(save_directory, *args, is_main_process=is_main_process,
                                            push_to_hub=push_to_hub, **kwargs)
@@ -459,7 +537,15 @@ class DinatPreTrainedModel(PreTrainedModel):
         super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
 
     def set_grad_checkpointing(self, enable: bool = True, stages: list[int] | None = None) -> None:
-        """timm-style switch; `stages` limits it to some stage indices (default: all), every layer of each."""
+        """timm-style activation-checkpointing switch (recompute layers in backward to save memory).
+
+        Args:
+            enable: turn checkpointing on or off.
+            stages: stage indices to switch (default: all); every layer of each.
+
+        Raises:
+            ValueError: a stage index out of range.
+        """
         all_stages = self._stages()
         if stages is not None:
             bad = [i for i in stages if not isinstance(i, int) or not 0 <= i < len(all_stages)]
@@ -499,16 +585,21 @@ def _resolve(value, default):
 
 
 class DinatModel(DinatPreTrainedModel):
-    """The DiNAT trunk: (B, C, H, W) pixels -> (B, H/32, W/32, C_last) features and their mean."""
+    """The DiNAT trunk: pixels to the last stage's normalized features and their mean over positions.
+
+    Args:
+        config: the architecture.
+        add_pooling_layer: whether `forward` returns `pooler_output` (the mean of `last_hidden_state` over
+            positions; it has no parameters).
+    """
 
     def __init__(self, config: DinatConfig, add_pooling_layer: bool = True):
         super().__init__(config)
-        self.num_levels = len(config.depths)
-        self.num_features = int(config.embed_dim * 2 ** (self.num_levels - 1))
+        self.num_features = config.stage_widths[-1]
         self.embeddings = DinatEmbeddings(config)
         self.encoder = DinatEncoder(config)
         self.layernorm = nn.LayerNorm(self.num_features, eps=config.layer_norm_eps)
-        self.pooler = nn.AdaptiveAvgPool1d(1) if add_pooling_layer else None
+        self.add_pooling_layer = add_pooling_layer
         self.post_init()
 
     def get_input_embeddings(self) -> DinatPatchEmbeddings:
@@ -516,32 +607,50 @@ class DinatModel(DinatPreTrainedModel):
 
     @can_return_tuple
     def forward(self, pixel_values: torch.Tensor | None = None, output_attentions: bool | None = None,
-                output_hidden_states: bool | None = None, **kwargs) -> DinatModelOutput:
+                output_hidden_states: bool | None = None, **kwargs: Unpack[TransformersKwargs]) -> DinatModelOutput:
+        """Run the trunk.
+
+        Args:
+            pixel_values: (B, num_channels, H, W) normalized images, any H and W.
+            output_attentions: also return each stage's last attention weights (default: the config's).
+            output_hidden_states: also return every stage's features (default: the config's).
+            return_dict: False returns a tuple of the output's non-None fields (default: the config's).
+            **kwargs: transformers' forward keywords (`TransformersKwargs`), accepted and unused; any other
+                keyword raises a TypeError.
+
+        Returns:
+            DinatModelOutput: `last_hidden_state` (B, ceil(H/32), ceil(W/32), C_last) after the final norm,
+            `pooler_output` (B, C_last) or None, and `hidden_states` / `reshaped_hidden_states` / `attentions`
+            when asked for (see DinatEncoderOutput).
+        """
+        check_forward_kwargs(self, kwargs)
         output_attentions = _resolve(output_attentions, self.config.output_attentions)
         output_hidden_states = _resolve(output_hidden_states, self.config.output_hidden_states)
-        if pixel_values is None:
-            raise ValueError("DinatModel needs pixel_values of shape (batch, channels, height, width)")
-        check_pixel_values(pixel_values, self.config.num_channels)
-        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection[0].weight.dtype)
-
         embedding_output = self.embeddings(pixel_values)  # (B, H/4, W/4, C)
         encoder_outputs = self.encoder(embedding_output, output_attentions=output_attentions,
                                        output_hidden_states=output_hidden_states)
         sequence_output = self.layernorm(encoder_outputs.last_hidden_state)  # (B, H/32, W/32, C_last)
-        pooled_output = None
-        if self.pooler is not None:
-            pooled_output = self.pooler(sequence_output.flatten(1, 2).transpose(1, 2)).flatten(1)  # (B, C_last)
         return DinatModelOutput(
             last_hidden_state=sequence_output,
-            pooler_output=pooled_output,
+            pooler_output=mean_over_positions(sequence_output) if self.add_pooling_layer else None,
             hidden_states=encoder_outputs.hidden_states,
             attentions=encoder_outputs.attentions,
             reshaped_hidden_states=encoder_outputs.reshaped_hidden_states,
         )
 
 
+def mean_over_positions(features: torch.Tensor) -> torch.Tensor:
+    """(B, h, w, C) channels-last features -> (B, C): the pooling of every DiNAT head."""
+    return features.mean(dim=(1, 2))
+
+
 class DinatForImageClassification(DinatPreTrainedModel):
-    """DiNAT with a linear head on the mean of the last stage's features."""
+    """DiNAT with a linear head on the mean of the last stage's features.
+
+    Args:
+        config: the architecture; `config.num_labels` classes (0: no head, `logits` are the pooled features),
+            `config.problem_type` chooses the loss.
+    """
 
     def __init__(self, config: DinatConfig):
         super().__init__(config)
@@ -558,11 +667,16 @@ class DinatForImageClassification(DinatPreTrainedModel):
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, h, w, C_last) features -> logits (B, num_labels), or the pooled features if pre_logits."""
-        pooled = features.mean(dim=(1, 2))
+        pooled = mean_over_positions(features)
         return pooled if pre_logits else self.classifier(pooled)
 
     def reset_classifier(self, num_labels: int, id2label: dict[int, str] | None = None) -> None:
-        """Replace the head with a freshly initialized one for `num_labels` classes (0: no head)."""
+        """Replace the head with a freshly initialized one (the config follows).
+
+        Args:
+            num_labels: classes of the new head (0: no head, the logits are the pooled features).
+            id2label: names of the new classes, by index.
+        """
         self.num_labels = num_labels
         self.config.num_labels = num_labels
         if id2label is not None:
@@ -578,7 +692,26 @@ class DinatForImageClassification(DinatPreTrainedModel):
     @can_return_tuple
     def forward(self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-                **kwargs) -> DinatImageClassifierOutput:
+                **kwargs: Unpack[TransformersKwargs]) -> DinatImageClassifierOutput:
+        """Classify images, and compute the loss when labels are given.
+
+        Args:
+            pixel_values: (B, num_channels, H, W) normalized images, any H and W.
+            labels: (B,) class indices in [0, num_labels) for single-label classification, (B, num_labels)
+                floats for multi-label, (B,) or (B, 1) floats for regression (num_labels == 1); the loss
+                follows `config.problem_type`, inferred from num_labels and the labels' dtype when unset.
+            output_attentions: also return each stage's last attention weights (default: the config's).
+            output_hidden_states: also return every stage's features (default: the config's).
+            return_dict: False returns a tuple of the output's non-None fields (default: the config's).
+            **kwargs: transformers' forward keywords (`TransformersKwargs`, e.g. the Trainer's
+                `num_items_in_batch`), accepted and unused: each loss is a mean over its batch. Any other
+                keyword raises a TypeError.
+
+        Returns:
+            DinatImageClassifierOutput: `logits` (B, num_labels), `loss` (a scalar) when labels are given,
+            and `hidden_states` / `reshaped_hidden_states` / `attentions` when asked for.
+        """
+        check_forward_kwargs(self, kwargs)
         outputs = self.dinat(pixel_values, output_attentions=output_attentions,
                              output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(outputs.pooler_output)
@@ -618,13 +751,18 @@ class DinatBackbone(BackboneMixin, DinatPreTrainedModel):
     """Multi-scale features for detection/segmentation: normalized (B, C, H, W) maps of `config.out_features`.
 
     transformers' BackboneMixin supplies out_features / out_indices / channels, `backbone_type` and the
-    `forward_with_filtered_kwargs` that UperNet, DPT and other heads call."""
+    `forward_with_filtered_kwargs` that UperNet, DPT and other heads call.
+
+    Args:
+        config: the architecture; `out_features` (names from `config.stage_names`: "stem", "stage1", ...) or
+            `out_indices` choose the feature maps.
+    """
 
     def __init__(self, config: DinatConfig):
         super().__init__(config)
         self.embeddings = DinatEmbeddings(config)
         self.encoder = DinatEncoder(config)
-        self.num_features = [config.embed_dim] + [int(config.embed_dim * 2 ** i) for i in range(len(config.depths))]
+        self.num_features = [config.embed_dim, *config.stage_widths]  # per name in stage_names
         self.hidden_states_norms = nn.ModuleDict(
             {stage: nn.LayerNorm(channels) for stage, channels in zip(self.out_features, self.channels)})
         self.post_init()
@@ -635,11 +773,25 @@ class DinatBackbone(BackboneMixin, DinatPreTrainedModel):
     @can_return_tuple
     @filter_output_hidden_states  # hidden_states only when asked for
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
-                output_attentions: bool | None = None, **kwargs) -> BackboneOutput:
-        output_attentions = _resolve(output_attentions, self.config.output_attentions)
-        check_pixel_values(pixel_values, self.config.num_channels)
-        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection[0].weight.dtype)
+                output_attentions: bool | None = None, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
+        """Feature maps of the stages in `config.out_features`.
 
+        Args:
+            pixel_values: (B, num_channels, H, W) normalized images, any H and W.
+            output_hidden_states: also return the stem's and every stage's features (B, h, w, C), each
+                stage's before its downsampler (default: the config's).
+            output_attentions: also return each stage's last attention weights (default: the config's).
+            return_dict: False returns a tuple of the output's non-None fields (default: the config's).
+            **kwargs: transformers' forward keywords (`TransformersKwargs`), accepted and unused; any other
+                keyword raises a TypeError.
+
+        Returns:
+            BackboneOutput: `feature_maps`, one (B, C_i, ceil(H/s_i), ceil(W/s_i)) map per out feature, layer-normed
+            (strides s: stem 4, stage i 2 ** (i + 1); channels `self.channels`), and `hidden_states` /
+            `attentions` when asked for.
+        """
+        check_forward_kwargs(self, kwargs)
+        output_attentions = _resolve(output_attentions, self.config.output_attentions)
         outputs = self.encoder(self.embeddings(pixel_values), output_attentions=output_attentions,
                                output_hidden_states=True, output_hidden_states_before_downsampling=True)
         feature_maps = ()

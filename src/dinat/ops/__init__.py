@@ -49,11 +49,26 @@ def _check(q: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair, rpb, ot
 
 def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1,
          rpb: torch.Tensor | None = None, scale: float | None = None, backend: str | None = None) -> torch.Tensor:
-    """Fused 2-D (dilated) neighborhood attention: (B, heads, H, W, D) -> (B, heads, H, W, D).
+    """Fused 2-D (dilated) neighborhood attention: each query attends to the kernel_size x kernel_size keys of
+    its window (docs/semantics.md), softmax(q . k * scale + rpb) . v, without materializing the weights.
 
-    `scale` defaults to head_dim ** -0.5; `rpb` (heads, 2K-1, 2K-1) is added to the scores before softmax.
-    `backend` ("auto", "torch", "flex", "natten") forces a backend unless `use_backend` overrides it; a
-    backend that cannot run the call raises a ValueError saying why.
+    Args:
+        q: queries (B, heads, H, W, D), floating point; H and W at least kernel_size * dilation.
+        k: keys, the same shape.
+        v: values, the same batch, heads, H and W.
+        kernel_size: window size, odd; an int or a (height, width) pair.
+        dilation: spacing of the window's keys, >= 1; an int or a (height, width) pair.
+        rpb: relative positional bias (heads, 2 * kernel_size - 1, 2 * kernel_size - 1), added to the scores
+            before the softmax; None for none.
+        scale: factor on the scores; default head_dim ** -0.5.
+        backend: "auto" (default) or one of `BACKENDS` to force it; a `use_backend` block overrides it.
+
+    Returns:
+        (B, heads, H, W, D) attention output.
+
+    Raises:
+        ValueError: bad shapes, kernel size or dilation, or a forced backend that cannot run the call (the
+            message says why).
     """
     kernel_size, dilation = _check(q, kernel_size, dilation, rpb, (("key", k), ("value", v)))
     if torch.compiler.is_compiling():
@@ -69,16 +84,35 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPa
 
 def na2d_qk(q: torch.Tensor, k: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1,
             rpb: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention scores q . k (+ rpb) of each query against its window: (B, heads, H, W, K*K).
+    """The unfused first half: scores of each query against the keys of its window, as NATTEN 0.17's `na2d_qk`.
 
-    q is used as given: scale it before the call, as NATTEN 0.17 does.
+    Args:
+        q: queries (B, heads, H, W, D), used as given (scale them before the call, as NATTEN 0.17 does).
+        k: keys, the same shape.
+        kernel_size: window size, odd; an int or a (height, width) pair.
+        dilation: spacing of the window's keys, >= 1; an int or a (height, width) pair.
+        rpb: relative positional bias (heads, 2 * kernel_size - 1, 2 * kernel_size - 1) added to the scores;
+            None for none.
+
+    Returns:
+        Scores (B, heads, H, W, kernel_h * kernel_w), the window's keys in row-major order.
     """
     kernel_size, dilation = _check(q, kernel_size, dilation, rpb, (("key", k),))
     return unfused.na2d_qk(q, k, kernel_size, dilation, rpb=rpb)
 
 
 def na2d_av(weights: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1) -> torch.Tensor:
-    """Attention weights (B, heads, H, W, K*K) applied to each query's window of values: (B, heads, H, W, D)."""
+    """The unfused second half: weights applied to each query's window of values, as NATTEN 0.17's `na2d_av`.
+
+    Args:
+        weights: attention weights (B, heads, H, W, kernel_h * kernel_w), as `na2d_qk` lays them out.
+        v: values (B, heads, H, W, D).
+        kernel_size: window size, odd; an int or a (height, width) pair.
+        dilation: spacing of the window's keys, >= 1; an int or a (height, width) pair.
+
+    Returns:
+        (B, heads, H, W, D): for each query, its weights times its window's values.
+    """
     kernel_size, dilation = _check(v, kernel_size, dilation, None)
     if weights.shape[:4] != v.shape[:4] or weights.shape[4] != kernel_size[0] * kernel_size[1]:
         raise ValueError(f"weights shape {tuple(weights.shape)} does not match values {tuple(v.shape)} "

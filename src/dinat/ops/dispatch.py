@@ -29,24 +29,38 @@ from . import flex_backend
 
 logger = logging.getLogger("dinat.ops")
 
-BACKENDS = ("torch", "flex", "natten")
+_MODULES = {"torch": "torch_backend", "flex": "flex_backend", "natten": "natten_backend"}
+BACKENDS = tuple(_MODULES)
 CHOICES = ("auto",) + BACKENDS
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dinat_na_backend", default=None)
 
 
-def validate_backend_name(name: str, what: str = "backend") -> str:
+def validate_backend_name(name: str) -> str:
     if name not in CHOICES:
-        raise ValueError(f"unknown neighborhood-attention {what} {name!r}; choose one of {list(CHOICES)}")
+        raise ValueError(f"unknown neighborhood-attention backend {name!r}; choose one of {list(CHOICES)}")
     return name
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force a backend for every neighborhood-attention call inside the block ("auto" restores the choice).
+    """Force a backend for every fused neighborhood-attention call inside the block (a context manager).
 
-    >>> with dinat.ops.use_backend("torch"):
-    ...     logits = model(pixel_values).logits
+    Overrides the model config's `na_backend` and `na2d`'s `backend` argument; blocks nest, the innermost wins.
+
+    Args:
+        name: "torch", "flex" or "natten"; "auto" lifts an outer block's forcing (the `backend` argument or the
+            config's `na_backend`, else the automatic choice, applies again).
+
+    Yields:
+        None. Inside the block, a call the forced backend cannot run raises a ValueError saying why.
+
+    Raises:
+        ValueError: an unknown backend name.
+
+    Example:
+        >>> with dinat.ops.use_backend("torch"):
+        ...     logits = model(pixel_values).logits
     """
     token = _forced.set(validate_backend_name(name))
     try:
@@ -59,10 +73,6 @@ def forced_backend() -> str | None:
     """The backend forced by an enclosing `use_backend`, or None."""
     name = _forced.get()
     return None if name in (None, "auto") else name
-
-
-# -- the backends: each module owns `can_run(q, has_rpb, needs_grad)` (None, or why not) and `na2d` ---------
-_MODULES = {"torch": "torch_backend", "flex": "flex_backend", "natten": "natten_backend"}
 
 
 def backend(name: str):
@@ -79,10 +89,6 @@ def why_not(name: str, q: torch.Tensor, has_rpb: bool, needs_grad: bool) -> str 
 
 def natten_version() -> tuple[int, ...] | None:
     return backend("natten").natten_version()
-
-
-def natten_label() -> str:
-    return backend("natten").natten_label()
 
 
 def flex_available() -> bool:
@@ -117,8 +123,8 @@ def choose_traced(requested: str | None, q: torch.Tensor, has_rpb: bool) -> str:
     return "torch"
 
 
-# walked in this order on CUDA; on other devices the tiled torch path is the fastest (measured on CPU: NATTEN
-# >= 0.20 runs through uncompiled flex attention there, seconds per call, and eager flex materializes every score)
+# walked in this order on CUDA. Elsewhere the tiled torch path: NATTEN >= 0.20 runs on CPU through uncompiled flex
+# attention, and eager flex materializes all (H*W)^2 scores
 _PREFERENCE_ON_CUDA = ("natten", "flex")
 
 
@@ -135,4 +141,4 @@ def _automatic(q: torch.Tensor, has_rpb: bool, needs_grad: bool) -> tuple[str, s
 
 
 __all__ = ["BACKENDS", "CHOICES", "use_backend", "forced_backend", "choose", "why_not", "natten_version",
-           "flex_available", "validate_backend_name", "backend", "natten_label"]
+           "flex_available", "validate_backend_name", "backend"]

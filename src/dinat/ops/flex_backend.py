@@ -15,7 +15,6 @@ import torch
 from .plan import window_start
 
 Pair = tuple[int, int]
-NAME = "flex"
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,7 +27,16 @@ def flex_available() -> bool:
 
 
 def can_run(q: torch.Tensor, has_rpb: bool, needs_grad: bool) -> str | None:
-    """None if flex attention can run this call, else why not."""
+    """Whether torch's flex attention can run a fused call.
+
+    Args:
+        q: the call's queries (B, heads, H, W, D); their device, dtype and head_dim decide.
+        has_rpb: whether the call adds a relative positional bias (flex always can).
+        needs_grad: whether the call needs a backward.
+
+    Returns:
+        None if it can, else the reason it cannot (shown in the error when the backend was forced).
+    """
     if not flex_available():
         return f"torch {torch.__version__} has no torch.nn.attention.flex_attention (needs torch >= 2.5)"
     if needs_grad and q.device.type == "cpu":
@@ -100,4 +108,4 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, d
     return out.view(batch, heads, height, width, dim)
 
 
-__all__ = ["NAME", "can_run", "flex_available", "na2d"]
+__all__ = ["can_run", "flex_available", "na2d"]

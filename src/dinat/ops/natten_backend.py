@@ -17,7 +17,6 @@ import torch
 from . import flex_backend
 
 Pair = tuple[int, int]
-NAME = "natten"
 logger = logging.getLogger("dinat.ops")
 
 
@@ -48,7 +47,17 @@ def natten_label() -> str:
 
 
 def can_run(q: torch.Tensor, has_rpb: bool, needs_grad: bool) -> str | None:
-    """None if the installed NATTEN can run this call, else why not."""
+    """Whether the installed NATTEN can run a fused call: NATTEN <= 0.17's RPB ops run every call; NATTEN >= 0.20
+    has no RPB, and on CPU runs only where flex attention does, for power-of-two head_dim in [8, 512].
+
+    Args:
+        q: the call's queries (B, heads, H, W, D); their device, dtype and head_dim decide.
+        has_rpb: whether the call adds a relative positional bias.
+        needs_grad: whether the call needs a backward.
+
+    Returns:
+        None if it can, else the reason it cannot (shown in the error when the backend was forced).
+    """
     version = natten_version()
     if version is None:
         return "NATTEN is not installed (pip install natten)"
@@ -90,4 +99,4 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, d
     return functional.na2d_av(weights, v, kernel_size, dilation)
 
 
-__all__ = ["NAME", "can_run", "natten_version", "natten_label", "na2d"]
+__all__ = ["can_run", "natten_version", "natten_label", "na2d"]

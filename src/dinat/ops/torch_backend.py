@@ -14,11 +14,19 @@ from . import tiled, traced
 from .plan import tile_pair
 
 Pair = tuple[int, int]
-NAME = "torch"
 
 
 def can_run(q: torch.Tensor, has_rpb: bool, needs_grad: bool) -> str | None:
-    """None: the torch backend runs every call (any device, dtype, RPB, gradient)."""
+    """Whether the torch backend can run a call: it runs every call (any device, dtype, RPB, gradient).
+
+    Args:
+        q: (batch, heads, height, width, head_dim) queries of the call.
+        has_rpb: whether the call adds a relative positional bias.
+        needs_grad: whether the call must be differentiable.
+
+    Returns:
+        None (the reason it cannot run, which never happens).
+    """
     return None
 
 
@@ -109,4 +117,4 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, d
     return out
 
 
-__all__ = ["NAME", "can_run", "na2d"]
+__all__ = ["can_run", "na2d"]

@@ -15,6 +15,14 @@ from .plan import window_indices
 Pair = tuple[int, int]
 
 
+def _windows(x: torch.Tensor, kernel_size: Pair, dilation: Pair):
+    """(keys_h, rel_h, keys_w, rel_w): key positions and RPB offsets of every query's window along H and W."""
+    _, _, height, width, _ = x.shape
+    keys_h, rel_h = window_indices(height, kernel_size[0], dilation[0], x.device)
+    keys_w, rel_w = window_indices(width, kernel_size[1], dilation[1], x.device)
+    return keys_h, rel_h, keys_w, rel_w
+
+
 def _gather_neighbors(x: torch.Tensor, keys_h: torch.Tensor, keys_w: torch.Tensor) -> torch.Tensor:
     """(B, h, H, W, D) -> (B, h, H, W, Kh, Kw, D): every query's window of x."""
     nb = x[:, :, keys_h[:, :, None, None], keys_w[None, None, :, :]]  # (B, h, H, Kh, W, Kw, D)
@@ -31,9 +39,7 @@ def _rpb_bias(rpb: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> to
 def na2d_qk(q: torch.Tensor, k: torch.Tensor, kernel_size: Pair, dilation: Pair,
             rpb: torch.Tensor | None = None) -> torch.Tensor:
     """Scores of every query against its window: (B, h, H, W, Kh*Kw). q is used as given (scale it first)."""
-    _, _, height, width, _ = q.shape
-    keys_h, rel_h = window_indices(height, kernel_size[0], dilation[0], q.device)
-    keys_w, rel_w = window_indices(width, kernel_size[1], dilation[1], q.device)
+    keys_h, rel_h, keys_w, rel_w = _windows(q, kernel_size, dilation)
     k_nb = _gather_neighbors(k, keys_h, keys_w)
     scores = torch.einsum("bhxyd,bhxyijd->bhxyij", q, k_nb).flatten(-2)
     if rpb is not None:
@@ -43,9 +49,7 @@ def na2d_qk(q: torch.Tensor, k: torch.Tensor, kernel_size: Pair, dilation: Pair,
 
 def na2d_av(weights: torch.Tensor, v: torch.Tensor, kernel_size: Pair, dilation: Pair) -> torch.Tensor:
     """Weights (B, h, H, W, Kh*Kw) times each query's window of values: (B, h, H, W, D)."""
-    _, _, height, width, _ = v.shape
-    keys_h, _ = window_indices(height, kernel_size[0], dilation[0], v.device)
-    keys_w, _ = window_indices(width, kernel_size[1], dilation[1], v.device)
+    keys_h, _, keys_w, _ = _windows(v, kernel_size, dilation)
     v_nb = _gather_neighbors(v, keys_h, keys_w)
     weights = weights.unflatten(-1, kernel_size)
     return torch.einsum("bhxyij,bhxyijd->bhxyd", weights.to(v.dtype), v_nb)
