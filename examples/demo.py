@@ -27,7 +27,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from dinat import DinatConfig, DinatForImageClassification, DinatImageProcessor
-from dinat.atomic import replace_checkpoint
+from dinat.atomic import save_together
 from dinat.training import autocast, parameter_groups
 
 # Preprocessing, saved as the model's image processor so that `dinat predict` does exactly what training did:
@@ -128,9 +128,7 @@ def train(model, pixels, labels, args) -> None:
 def save(model, output_dir: Path) -> None:
     """Model and image processor staged beside output_dir and swapped in together (dinat.atomic): an interrupted
     run leaves the previous model or the new one, complete."""
-    with replace_checkpoint(output_dir) as staging:
-        model.save_pretrained(staging)
-        image_processor().save_pretrained(staging)
+    save_together(output_dir, model, image_processor())
 
 
 def check_processor(output_dir: Path, images: list[Image.Image], expected: torch.Tensor) -> None:

@@ -32,11 +32,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dinat import DinatConfig, DinatForImageClassification, DinatImageProcessor
-from dinat.atomic import replace_checkpoint
+from dinat.atomic import save_together
+from dinat.registry import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from dinat.training import autocast, grad_scaler, parameter_groups
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def build_model(args, classes: list[str]) -> DinatForImageClassification:
 
 def processor_settings(args) -> tuple[int, list[float], list[float]]:
     """Image size and normalization: the pretrained checkpoint's own, unless given on the command line."""
-    size, mean, std = 224, IMAGENET_MEAN, IMAGENET_STD
+    size, mean, std = 224, list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
     if args.pretrained:
         try:
             processor = DinatImageProcessor.from_pretrained(args.pretrained)
@@ -206,9 +206,7 @@ def main() -> None:
 def save(model, output_dir: Path, processor: DinatImageProcessor) -> None:
     """Model and processor staged beside the target and swapped in together (dinat.atomic): an interrupted save
     leaves the previous best model or the new one, complete."""
-    with replace_checkpoint(output_dir) as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
+    save_together(output_dir, model, processor)
 
 
 if __name__ == "__main__":

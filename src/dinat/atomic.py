@@ -132,6 +132,14 @@ def replace_checkpoint(target: str | os.PathLike, owns: Callable[[str], bool] = 
         shutil.rmtree(staging, ignore_errors=True)  # the new content on failure, the old one after an exchange
 
 
+def save_together(target: str | os.PathLike, *savables, protect: Iterable[str | os.PathLike] = ()) -> None:
+    """`save_pretrained` of each object (a model and its processor, say) into one staging folder, swapped in
+    as `target` at once: a reader sees all of the old checkpoint or all of the new one."""
+    with replace_checkpoint(target, protect=protect) as staging:
+        for savable in savables:
+            savable.save_pretrained(staging)
+
+
 @contextlib.contextmanager
 def reading(folder, subfolder: str | None = None) -> Iterator[None]:
     """Hold a shared lock while reading a local checkpoint folder, so that no save swaps it meanwhile.
@@ -300,4 +308,4 @@ def _fsync_dir(folder: Path) -> None:
 
 
 __all__ = ["UnsafeTargetError", "check_target", "is_staging", "model_owns", "processor_owns", "reading",
-           "replace_checkpoint", "restore_interrupted"]
+           "replace_checkpoint", "restore_interrupted", "save_together"]

@@ -281,9 +281,7 @@ def convert_checkpoint(checkpoint: str | Path, output_dir: str | Path, variant: 
 def _write_atomically(output_dir: Path, model, processor, protect=()) -> None:
     """Model and processor written together into a staging folder beside output_dir, then swapped in whole."""
     try:
-        with atomic.replace_checkpoint(output_dir, protect=protect) as staging:
-            model.save_pretrained(staging)
-            processor.save_pretrained(staging)
+        atomic.save_together(output_dir, model, processor, protect=protect)
     except atomic.UnsafeTargetError as err:
         raise ConversionError(str(err)) from None
 

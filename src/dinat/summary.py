@@ -48,7 +48,7 @@ def summarize(model_name: str, image_size: list[int] | None = None) -> dict[str,
     return {
         "model": model_name, "source": source, "variant": variant.name if variant else None,
         "num_stages": len(config.depths), "depths": list(config.depths), "num_heads": list(config.num_heads),
-        "widths": [config.embed_dim * 2 ** i for i in range(len(config.depths))],
+        "widths": list(config.stage_widths),
         "kernel_size": config.kernel_size, "mlp_ratio": config.mlp_ratio, "dilations": config.dilations,
         "num_labels": config.num_labels, "parameters": sum(p.numel() for p in model.parameters()),
         "input_size": [height, width], "crop_pct": data["crop_pct"], "interpolation": data["interpolation"],
