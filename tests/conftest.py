@@ -13,17 +13,20 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from dinat import DinatConfig, DinatForImageClassification
+from dinat.modeling_dinat import DinatLayer
 
 TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures"
 CASES = FIXTURES / "cases"  # golden cases of the reference stack (tests/fixtures/README.md)
+REFERENCE_TOL = dict(atol=1e-4, rtol=1e-4)  # float32 agreement with the reference stack's outputs
 
 # The small DiNAT the tests build: 3 stages, 4 layers (the first stage with dilations 1 and 2), K=3 and
 # head_dim 8 everywhere (a power of two: NATTEN >= 0.20 runs it on CPU). A 32x32 image gives 8x8, 4x4 and
 # 2x2 maps; the last is smaller than the window and padded.
 TINY = dict(embed_dim=16, depths=[2, 1, 1], num_heads=[2, 4, 8], kernel_size=3, dilations=[[1, 2], [1], [1]],
             mlp_ratio=2.0, num_labels=3, drop_path_rate=0.0)
-TINY_WIDTHS = [16, 32, 64]  # channels of the stages (embed_dim * 2**i), stated rather than computed
+# the same with a fourth stage, for what reads four feature maps (dense heads) or four stages (benchmarks)
+FOUR_STAGES = dict(depths=[1, 2, 1, 1], num_heads=[2, 4, 8, 16], dilations=[[1], [1, 2], [1], [1]])
 
 
 def tiny_config(**overrides) -> DinatConfig:
@@ -43,9 +46,28 @@ def tiny_batch(size: int = 2, height: int = 32, width: int = 32, seed: int = 0, 
             torch.randint(0, num_labels, (size,), generator=generator))
 
 
-def load_case(name: str, folder: str = "model", cls=DinatForImageClassification):
-    """(model in eval mode, io tensors) of golden case `name` (tests/fixtures/cases/<name>)."""
-    return cls.from_pretrained(CASES / name / folder).eval(), load_file(CASES / name / "io.safetensors")
+def case_io(name: str) -> dict[str, torch.Tensor]:
+    """The inputs and reference outputs of golden case `name` (tests/fixtures/cases/<name>/io.safetensors)."""
+    return load_file(CASES / name / "io.safetensors")
+
+
+def load_case(name: str, folder: str = "model", cls=DinatForImageClassification, **from_pretrained_kwargs):
+    """(model in eval mode, io tensors) of golden case `name`."""
+    return cls.from_pretrained(CASES / name / folder, **from_pretrained_kwargs).eval(), case_io(name)
+
+
+def count_layer_calls(model) -> dict[str, int]:
+    """Forward calls per DinatLayer: a checkpointed layer runs twice in a training step (forward, recompute).
+
+    Counted at the layer's first submodule: transformers checkpoints the layer's `forward` (its own hooks stay
+    outside the checkpoint), and the recompute may stop early, once it has what backward needs."""
+    calls: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, DinatLayer):
+            calls[name] = 0
+            module.layernorm_before.register_forward_pre_hook(
+                lambda mod, args, name=name: calls.__setitem__(name, calls[name] + 1))
+    return calls
 
 
 class Stripes(Dataset):

@@ -12,16 +12,18 @@ from transformers import (AutoBackbone, AutoConfig, AutoImageProcessor, AutoMode
                           AutoModelForImageClassification)
 
 import dinat
+from dinat.ops import dispatch
+from conftest import CASES, REFERENCE_TOL, case_io
 from hub_cache_helpers import (FIXTURES, REPO_ID, build_hub_cache, offline_env, run_python,
                                small_dinat_config_dict, small_dinat_state_dict)
 
-CASE = FIXTURES / "cases" / "tiny_pad"
-TOL = dict(atol=1e-4, rtol=1e-4)
+CASE = CASES / "tiny_pad"
+TOL = REFERENCE_TOL
 
 
 @pytest.fixture(scope="module")
 def io():
-    return load_file(str(CASE / "io.safetensors"))
+    return case_io("tiny_pad")
 
 
 def test_auto_config_is_ours():
@@ -66,6 +68,15 @@ def test_auto_image_processor(tmp_path):
     assert type(processor) is dinat.DinatImageProcessor and processor.input_size == (96, 96)
 
 
+# transformers' pipeline() also tries the classes a config's `architectures` names, looked up on the transformers
+# module: `transformers.DinatForImageClassification` imports transformers' own DiNAT, whose import fails with
+# NATTEN >= 0.20 (it imports ops NATTEN removed), and the error escapes pipeline(). Strict: once this package
+# routes around it, these tests pass and the mark must go.
+def natten_breaks_pipeline(**kwargs):
+    return pytest.mark.xfail((dispatch.natten_version() or (0,)) >= (0, 20), strict=True, **kwargs, reason=(
+        "pipeline() imports transformers' own DiNAT via config.architectures; NATTEN >= 0.20 breaks that import"))
+
+
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
@@ -73,6 +84,7 @@ def hub(tmp_path_factory):
     return {"cache": root / "hub", "home": root / "home"}
 
 
+@natten_breaks_pipeline()  # in a subprocess: its ImportError comes back as run_python's AssertionError
 def test_pipeline_with_hub_id_offline(hub):
     image = FIXTURES / "processor" / "images" / "noise_tall_200x300.png"
     code = f"""
@@ -98,6 +110,7 @@ print(json.dumps({{"model_class": type(classify.model).__module__ + "." + type(c
     torch.testing.assert_close(torch.tensor([r["score"] for r in result["results"]]), scores, atol=1e-5, rtol=1e-4)
 
 
+@natten_breaks_pipeline(raises=ImportError)
 def test_pipeline_uses_our_processor_when_the_config_names_it(tmp_path):
     from transformers import pipeline
 

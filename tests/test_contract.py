@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_model
+from conftest import count_layer_calls, tiny_model
 from dinat import DinatBackbone, DinatForImageClassification, DinatModel
 from dinat.modeling_dinat import DinatLayer
 
@@ -182,18 +182,6 @@ def test_outputs_not_asked_for_are_absent(cls):
 # -------------------------------------------------------------------------------------------------
 # Gradient checkpointing
 # -------------------------------------------------------------------------------------------------
-def count_layer_calls(model) -> dict[str, int]:
-    """Forward calls per DinatLayer, counted at its first submodule (transformers checkpoints the layer's
-    `forward`; its own hooks stay outside the checkpoint): a checkpointed layer runs twice in a training step."""
-    calls: dict[str, int] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, DinatLayer):
-            calls[name] = 0
-            module.layernorm_before.register_forward_pre_hook(
-                lambda mod, args, name=name: calls.__setitem__(name, calls[name] + 1))
-    return calls
-
-
 @pytest.mark.parametrize("cls", HEADS, ids=head_id)
 def test_gradient_checkpointing_gives_the_same_outputs_and_gradients(cls):
     model = tiny_model(cls, **OVERRIDES).train()  # dropout and drop path are 0: train mode is deterministic

@@ -4,23 +4,22 @@ load into the DiNAT classes with every dilation 1 and match the reference NAT's 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
+from conftest import CASES, REFERENCE_TOL, case_io
 from dinat import DinatBackbone, DinatConfig, DinatForImageClassification, DinatModel
 
-CASE = Path(__file__).parent / "fixtures" / "cases" / "nat_small"
+CASE = CASES / "nat_small"
 CHECKPOINT = CASE / "model"
-TOL = dict(atol=1e-4, rtol=1e-4)
+TOL = REFERENCE_TOL
 
 
 @pytest.fixture(scope="module")
 def io():
-    return load_file(str(CASE / "io.safetensors"))
+    return case_io("nat_small")
 
 
 @pytest.fixture(scope="module")

@@ -10,23 +10,18 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import CASES
+from conftest import CASES, REFERENCE_TOL, case_io, load_case
 from dinat import DinatBackbone, DinatForImageClassification
 
-TOL = dict(atol=1e-4, rtol=1e-4)
+TOL = REFERENCE_TOL
 MODEL_CASES = ["tiny_pad", "odd_shapes", "mini_layout"]
 
 
 @pytest.fixture(scope="module", params=MODEL_CASES)
 def case(request):
     name = request.param
-    return name, load_file(CASES / name / "io.safetensors")
-
-
-def _load(name, weights="model"):
-    return DinatForImageClassification.from_pretrained(CASES / name / weights).eval()
+    return name, case_io(name)
 
 
 @pytest.mark.parametrize("weights", ["model", "model_bin"])
@@ -34,7 +29,7 @@ def test_outputs_match_reference(case, weights):
     name, io = case
     if not (CASES / name / weights).exists():
         pytest.skip(f"{name} has no {weights} checkpoint")
-    model = _load(name, weights)
+    model, _ = load_case(name, weights)
     x = io["pixel_values"]
     with torch.no_grad():
         out = model(x, output_hidden_states=True, output_attentions=True)
@@ -54,7 +49,8 @@ def test_outputs_match_reference(case, weights):
 
 def test_loss_and_gradients_match_reference(case):
     name, io = case
-    model = _load(name).train()  # the fixture's dropout and drop path are 0
+    model, _ = load_case(name)
+    model.train()  # the fixture's dropout and drop path are 0
     out = model(io["pixel_values"], labels=io["labels"])
     out.loss.backward()
     torch.testing.assert_close(out.loss.reshape(1), io["loss"], **TOL)
@@ -75,7 +71,7 @@ def test_backbone_feature_maps_match_reference(case):
     meta = json.loads((CASES / name / "case.json").read_text())
     if meta["backbone_out_features"] is None:
         pytest.skip(f"{name} has no backbone fixture")
-    backbone = DinatBackbone.from_pretrained(CASES / name / "backbone").eval()
+    backbone, _ = load_case(name, "backbone", DinatBackbone)
     assert backbone.out_features == meta["backbone_out_features"]
     with torch.no_grad():
         maps = backbone(io["pixel_values"]).feature_maps
