@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from dinat import DinatConfig, DinatForImageClassification
 from dinat.modeling_dinat import DinatLayer
+from dinat.ops import dispatch
 
 TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures"
@@ -68,6 +70,16 @@ def count_layer_calls(model) -> dict[str, int]:
             module.layernorm_before.register_forward_pre_hook(
                 lambda mod, args, name=name: calls.__setitem__(name, calls[name] + 1))
     return calls
+
+
+# transformers' pipeline() also tries the classes a config's `architectures` names, looked up on the transformers
+# module: `transformers.DinatForImageClassification` imports transformers' own DiNAT, whose import fails with
+# NATTEN >= 0.20 (it imports ops NATTEN removed), and the error escapes pipeline(). Strict: once this package
+# routes around it, these tests pass and the mark must go.
+def natten_breaks_pipeline(**kwargs):
+    """Strict xfail mark for tests of pipeline() on a DiNAT checkpoint, where NATTEN >= 0.20 is installed."""
+    return pytest.mark.xfail((dispatch.natten_version() or (0,)) >= (0, 20), strict=True, **kwargs, reason=(
+        "pipeline() imports transformers' own DiNAT via config.architectures; NATTEN >= 0.20 breaks that import"))
 
 
 class Stripes(Dataset):

@@ -12,8 +12,7 @@ from transformers import (AutoBackbone, AutoConfig, AutoImageProcessor, AutoMode
                           AutoModelForImageClassification)
 
 import dinat
-from dinat.ops import dispatch
-from conftest import CASES, REFERENCE_TOL, case_io
+from conftest import CASES, REFERENCE_TOL, case_io, natten_breaks_pipeline
 from hub_cache_helpers import (FIXTURES, REPO_ID, build_hub_cache, offline_env, run_python,
                                small_dinat_config_dict, small_dinat_state_dict)
 
@@ -66,15 +65,6 @@ def test_auto_image_processor(tmp_path):
     (untyped / "preprocessor_config.json").write_text(json.dumps({"size": 96, "resample": 2}))
     processor = AutoImageProcessor.from_pretrained(untyped)
     assert type(processor) is dinat.DinatImageProcessor and processor.input_size == (96, 96)
-
-
-# transformers' pipeline() also tries the classes a config's `architectures` names, looked up on the transformers
-# module: `transformers.DinatForImageClassification` imports transformers' own DiNAT, whose import fails with
-# NATTEN >= 0.20 (it imports ops NATTEN removed), and the error escapes pipeline(). Strict: once this package
-# routes around it, these tests pass and the mark must go.
-def natten_breaks_pipeline(**kwargs):
-    return pytest.mark.xfail((dispatch.natten_version() or (0,)) >= (0, 20), strict=True, **kwargs, reason=(
-        "pipeline() imports transformers' own DiNAT via config.architectures; NATTEN >= 0.20 breaks that import"))
 
 
 @pytest.fixture(scope="module")

@@ -124,6 +124,8 @@ def test_save_load_round_trip_gives_identical_outputs(cls, tmp_path):
             == {k: v for k, v in model.config.to_dict().items() if k not in where_from})
     state, reloaded_state = model.state_dict(), reloaded.state_dict()
     assert list(reloaded_state) == list(state)
+    for key, value in state.items():
+        assert torch.equal(reloaded_state[key], value), key
     with torch.no_grad():
         assert_same(main_outputs(cls, reloaded(**inputs(cls))), main_outputs(cls, model(**inputs(cls))))
 

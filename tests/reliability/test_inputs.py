@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import CASES, FIXTURES, natten_breaks_pipeline
 from dinat import DinatConfig, DinatForImageClassification, DinatImageProcessor
 from dinat.config_validation import MAX_PARAMETERS, estimated_parameters
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-MODEL = FIXTURES / "cases" / "tiny_pad" / "model"  # a small classification checkpoint (config.json + weights)
+MODEL = CASES / "tiny_pad" / "model"  # a small classification checkpoint (config.json + weights)
 VIT_PROCESSOR = FIXTURES / "processor" / "vit_legacy_bicubic_224" / "preprocessor_config.json"  # the hub's form
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)[:, None, None]
 
@@ -184,6 +184,7 @@ def test_exif_orientation_is_applied_for_files_and_pil_images(tmp_path):
         assert result[2, 22:].min() > 0.9 and result[0, 22:].max() < 0.1  # bottom rows blue
 
 
+@natten_breaks_pipeline(raises=ImportError)
 def test_predict_and_pipeline_agree_on_a_rotated_phone_photo(tmp_path):
     from transformers import pipeline
 
