@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TESTS, TINY
+from conftest import TESTS, TINY, tiny_model
 from dinat import DinatForImageClassification
 from distributed_workers import common
 
@@ -52,7 +52,7 @@ def distributed_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single_process_sgd() -> dict[str, torch.Tensor]:
     torch.set_num_threads(1)
-    model = common.small_model()
+    model = tiny_model()
     common.sgd_steps(model, common.global_batches(), common.classification_loss)
     return {name: p.detach() for name, p in model.named_parameters()}
 
@@ -74,7 +74,7 @@ def assert_same_parameters(got: dict[str, torch.Tensor], expected: dict[str, tor
 
 
 def initial_parameters() -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in common.small_model().named_parameters()}
+    return {name: p.detach() for name, p in tiny_model().named_parameters()}
 
 
 def test_ddp_equals_one_process(distributed_run, single_process_sgd):

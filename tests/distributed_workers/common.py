@@ -18,10 +18,6 @@ LEARNING_RATE = 0.05
 IMAGE = 32
 
 
-def small_model(seed: int = 0):
-    return tiny_model(seed=seed)
-
-
 def backbone_without_last_stage(seed: int = 0):
     """A backbone whose out_features skip the last stage: that stage gets no gradient."""
     return tiny_model(DinatBackbone, seed=seed, out_features=["stage1", "stage2"])
@@ -73,7 +69,7 @@ def train_with_trainer(output_dir: str, per_device_batch: int, accumulation: int
     """(model, logged train losses, eval loss) after STEPS Trainer steps on Stripes."""
     from transformers import Trainer
 
-    model = small_model()
+    model = tiny_model()
     trainer = Trainer(model=model, args=trainer_arguments(output_dir, per_device_batch, accumulation),
                       train_dataset=Stripes(48, 0), eval_dataset=Stripes(16, 1))
     trainer.train()

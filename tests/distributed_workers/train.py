@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
 import common  # next to this script: on the path of a script run by torchrun
+from conftest import tiny_model
 from dinat.modeling_dinat import DinatLayer
 
 
@@ -25,7 +26,7 @@ def save_parameters(model, path: Path) -> None:
 
 
 def run_ddp(out: Path, rank: int) -> None:
-    model = common.small_model()
+    model = tiny_model()
     ddp = DistributedDataParallel(model)
     common.sgd_steps(ddp, [common.shard(b, rank) for b in common.global_batches()], common.classification_loss)
     if rank == 0:
@@ -69,7 +70,7 @@ def run_fsdp(out: Path, rank: int) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    model = common.small_model()
+    model = tiny_model()
     model.activation_checkpointing_enable()  # DinatLayer is a GradientCheckpointingLayer: FSDP2 hooks stay outside
     for module in model.modules():
         if isinstance(module, DinatLayer):
