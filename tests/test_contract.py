@@ -7,6 +7,8 @@ heads 2, 4, 8, K=3) on a 64x48 input; the tuple orders are transformers' DiNAT o
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -117,6 +119,7 @@ def test_save_load_round_trip_gives_identical_outputs(cls, tmp_path):
     model = tiny_model(cls, **OVERRIDES).eval()
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "dinat"
     reloaded = cls.from_pretrained(tmp_path).eval()
     assert type(reloaded) is cls and reloaded.config.architectures == [cls.__name__]
     where_from = ("_name_or_path", "architectures")
