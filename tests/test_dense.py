@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import dinat  # noqa: F401  (registers DiNAT with transformers' Auto classes)
-from conftest import FIXTURES, FOUR_STAGES, TESTS, tiny_config
+from conftest import FIXTURES, FOUR_STAGES, REFERENCE_TOL, TESTS, tiny_config
 from dinat import DinatBackbone, DinatConfig
 
 DENSE = FIXTURES / "dense"
@@ -34,7 +34,7 @@ def backbone_of(model) -> DinatBackbone:
 
 
 def assert_close_to_reference(got: torch.Tensor, expected: torch.Tensor, name: str) -> None:
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=name)
+    torch.testing.assert_close(got, expected, **REFERENCE_TOL, msg=name)
 
 
 # -------------------------------------------------------------------------------------------------

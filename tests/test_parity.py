@@ -14,7 +14,6 @@ import torch
 from conftest import CASES, REFERENCE_TOL, case_io, load_case
 from dinat import DinatBackbone, DinatForImageClassification
 
-TOL = REFERENCE_TOL
 MODEL_CASES = ["tiny_pad", "odd_shapes", "mini_layout"]
 
 
@@ -34,17 +33,17 @@ def test_outputs_match_reference(case, weights):
     with torch.no_grad():
         out = model(x, output_hidden_states=True, output_attentions=True)
         base = model.dinat(x)
-    torch.testing.assert_close(out.logits, io["logits"], **TOL)
-    torch.testing.assert_close(base.last_hidden_state, io["last_hidden_state"], **TOL)
-    torch.testing.assert_close(base.pooler_output, io["pooler_output"], **TOL)
+    torch.testing.assert_close(out.logits, io["logits"], **REFERENCE_TOL)
+    torch.testing.assert_close(base.last_hidden_state, io["last_hidden_state"], **REFERENCE_TOL)
+    torch.testing.assert_close(base.pooler_output, io["pooler_output"], **REFERENCE_TOL)
     n_stages = len(model.config.depths)
     assert len(out.hidden_states) == len(out.reshaped_hidden_states) == n_stages + 1
     assert len(out.attentions) == n_stages
     for i in range(n_stages + 1):
-        torch.testing.assert_close(out.hidden_states[i], io[f"hidden_states.{i}"], **TOL)
-        torch.testing.assert_close(out.reshaped_hidden_states[i], io[f"reshaped_hidden_states.{i}"], **TOL)
+        torch.testing.assert_close(out.hidden_states[i], io[f"hidden_states.{i}"], **REFERENCE_TOL)
+        torch.testing.assert_close(out.reshaped_hidden_states[i], io[f"reshaped_hidden_states.{i}"], **REFERENCE_TOL)
     for i in range(n_stages):
-        torch.testing.assert_close(out.attentions[i], io[f"attentions.{i}"], **TOL)
+        torch.testing.assert_close(out.attentions[i], io[f"attentions.{i}"], **REFERENCE_TOL)
 
 
 def test_loss_and_gradients_match_reference(case):
@@ -53,7 +52,7 @@ def test_loss_and_gradients_match_reference(case):
     model.train()  # the fixture's dropout and drop path are 0
     out = model(io["pixel_values"], labels=io["labels"])
     out.loss.backward()
-    torch.testing.assert_close(out.loss.reshape(1), io["loss"], **TOL)
+    torch.testing.assert_close(out.loss.reshape(1), io["loss"], **REFERENCE_TOL)
     checked = 0
     for pname, param in model.named_parameters():
         if f"grad.{pname}" not in io:
@@ -77,7 +76,7 @@ def test_backbone_feature_maps_match_reference(case):
         maps = backbone(io["pixel_values"]).feature_maps
     assert len(maps) == len(meta["backbone_out_features"])
     for i, fm in enumerate(maps):
-        torch.testing.assert_close(fm, io[f"backbone.feature_maps.{i}"], **TOL)
+        torch.testing.assert_close(fm, io[f"backbone.feature_maps.{i}"], **REFERENCE_TOL)
     assert backbone.channels == [fm.shape[1] for fm in maps]
 
 
