@@ -10,6 +10,7 @@ small DiNAT with a 1000-class head and an ImageNet-like `id2label`, saved as the
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from conftest import FIXTURES  # noqa: F401  (re-exported: the hub tests read fixtures through this module)
+
 REPO_ID = "shi-labs/dinat-mini-in1k-224"
 REVISION = "5c2a6b4e0d1f3a9e8b7c6d5e4f3a2b1c0d9e8f7a"  # any 40-hex commit id
-FIXTURES = Path(__file__).parent / "fixtures"
 LEGACY_PREPROCESSOR = {
     "do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
     "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3, "size": 224,
@@ -60,31 +62,34 @@ def small_dinat_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _write_blob(repo_dir: Path, snapshot: Path, filename: str, data: bytes) -> None:
-    digest = hashlib.sha256(data).hexdigest()
-    blob = repo_dir / "blobs" / digest
-    blob.parent.mkdir(parents=True, exist_ok=True)
-    blob.write_bytes(data)
-    link = snapshot / filename
-    link.parent.mkdir(parents=True, exist_ok=True)
-    os.symlink(os.path.relpath(blob, link.parent), link)
-
-
-def build_hub_cache(cache_dir: Path, repo_id: str = REPO_ID, state_dict: dict | None = None) -> Path:
-    """Write `repo_id` into a hub cache at `cache_dir`; returns the snapshot folder."""
-    repo_dir = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+def write_hub_repo(cache_dir: Path, repo_id: str, files: dict[str, bytes], kind: str = "models") -> Path:
+    """Put `files` (name: contents) into a huggingface_hub cache as `hf download` leaves them: blobs named by
+    their hash, snapshot links into them, refs/main naming the revision. Returns the snapshot folder."""
+    repo_dir = Path(cache_dir) / f"{kind}--{repo_id.replace('/', '--')}"
     snapshot = repo_dir / "snapshots" / REVISION
     snapshot.mkdir(parents=True)
     (repo_dir / "refs").mkdir()
     (repo_dir / "refs" / "main").write_text(REVISION)
-    state_dict = small_dinat_state_dict() if state_dict is None else state_dict
-    bin_path = Path(cache_dir) / "pytorch_model.bin.tmp"
-    torch.save(state_dict, bin_path)  # the legacy pickle form of the hub DiNAT checkpoints
-    _write_blob(repo_dir, snapshot, "pytorch_model.bin", bin_path.read_bytes())
-    bin_path.unlink()
-    _write_blob(repo_dir, snapshot, "config.json", json.dumps(small_dinat_config_dict(), indent=2).encode())
-    _write_blob(repo_dir, snapshot, "preprocessor_config.json", json.dumps(LEGACY_PREPROCESSOR, indent=2).encode())
+    for filename, data in files.items():
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / filename
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
     return snapshot
+
+
+def build_hub_cache(cache_dir: Path, repo_id: str = REPO_ID, state_dict: dict | None = None) -> Path:
+    """Write `repo_id` (the small DiNAT) into a hub cache at `cache_dir`; returns the snapshot folder."""
+    state_dict = small_dinat_state_dict() if state_dict is None else state_dict
+    weights = io.BytesIO()
+    torch.save(state_dict, weights)  # the legacy pickle form of the hub DiNAT checkpoints
+    return write_hub_repo(cache_dir, repo_id, {
+        "pytorch_model.bin": weights.getvalue(),
+        "config.json": json.dumps(small_dinat_config_dict(), indent=2).encode(),
+        "preprocessor_config.json": json.dumps(LEGACY_PREPROCESSOR, indent=2).encode(),
+    })
 
 
 def offline_env(cache_dir: Path, home: Path) -> dict[str, str]:

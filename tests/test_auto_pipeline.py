@@ -12,16 +12,16 @@ from transformers import (AutoBackbone, AutoConfig, AutoImageProcessor, AutoMode
                           AutoModelForImageClassification)
 
 import dinat
+from conftest import CASES, REFERENCE_TOL, case_io
 from hub_cache_helpers import (FIXTURES, REPO_ID, build_hub_cache, offline_env, run_python,
                                small_dinat_config_dict, small_dinat_state_dict)
 
-CASE = FIXTURES / "cases" / "tiny_pad"
-TOL = dict(atol=1e-4, rtol=1e-4)
+CASE = CASES / "tiny_pad"
 
 
 @pytest.fixture(scope="module")
 def io():
-    return load_file(str(CASE / "io.safetensors"))
+    return case_io("tiny_pad")
 
 
 def test_auto_config_is_ours():
@@ -44,12 +44,12 @@ def test_auto_models_are_ours_and_match_reference(io):
     backbone.load_state_dict(dinat.DinatBackbone.from_pretrained(CASE / "backbone").state_dict())
     backbone.eval()
     with torch.no_grad():
-        torch.testing.assert_close(classifier(io["pixel_values"]).logits, io["logits"], **TOL)
-        torch.testing.assert_close(base(io["pixel_values"]).pooler_output, io["pooler_output"], **TOL)
+        torch.testing.assert_close(classifier(io["pixel_values"]).logits, io["logits"], **REFERENCE_TOL)
+        torch.testing.assert_close(base(io["pixel_values"]).pooler_output, io["pooler_output"], **REFERENCE_TOL)
         maps = backbone(io["pixel_values"]).feature_maps
     assert len(maps) == len([k for k in io if k.startswith("backbone.feature_maps.")])
     for i, feature_map in enumerate(maps):
-        torch.testing.assert_close(feature_map, io[f"backbone.feature_maps.{i}"], **TOL)
+        torch.testing.assert_close(feature_map, io[f"backbone.feature_maps.{i}"], **REFERENCE_TOL)
 
 
 def test_auto_image_processor(tmp_path):

@@ -13,127 +13,94 @@ import textwrap
 import pytest
 import torch
 
-from dinat import DinatConfig, DinatForImageClassification, ops
-from dinat.ops import dispatch, plan, tiled, torch_backend, traced
-from reference_na import reference_na2d
+from conftest import tiny_model
+from dinat import DinatConfig, ops
+from dinat.ops import dispatch, tiled, torch_backend, traced
+from na_tester import NACase, reference_run
 
 GPU_REASON = "no CUDA device here; GPU backends are tested on a GPU machine"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=GPU_REASON))]
 
-# (height, width, kernel, dilation, batch, heads, head_dim)
-SHAPES = [
-    (14, 14, 7, 1, 2, 2, 16),   # DiNAT's K=7: two tiles of 7 per axis
-    (13, 17, 3, 2, 1, 2, 16),   # uneven dilation groups on both axes
-    (16, 16, 7, 2, 1, 1, 16),   # groups of 8 x 8 with K=7
-    (21, 19, 5, 1, 1, 2, 16),   # partial last tiles
+CASES = [
+    NACase(14, 14, 7, 1, 2, 2, 16),   # DiNAT's K=7: two tiles of 7 per axis
+    NACase(13, 17, 3, 2, 1, 2, 16),   # uneven dilation groups on both axes
+    NACase(16, 16, 7, 2, 1, 1, 16),   # groups of 8 x 8 with K=7
+    NACase(21, 19, 5, 1, 1, 2, 16),   # partial last tiles
 ]
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
-
-
-def _inputs(shape, dtype, device, seed=0, use_rpb=True):
-    height, width, kernel, dilation, batch, heads, dim = shape
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(batch, heads, height, width, dim, generator=g, dtype=torch.float64) for _ in range(3))
-    rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g, dtype=torch.float64) if use_rpb else None
-    return q, k, v, rpb
-
-
-def _runnable(backend, q, has_rpb, needs_grad):
-    reason = dispatch.why_not(backend, q, has_rpb, needs_grad)
-    if reason is not None:
-        pytest.skip(f"{backend} cannot run here: {reason}")
-
-
-def _close(got, want, dtype, what):
-    """Tolerance relative to the largest magnitude of the expected tensor (at least 1)."""
-    tol = TOLERANCE[dtype] * max(1.0, want.abs().max().item())
-    err = (got.double() - want).abs().max().item()
-    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("use_rpb", [True, False], ids=["rpb", "no_rpb"])
 @pytest.mark.parametrize("backend", dispatch.BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_backend_forward_matches_reference(shape, backend, use_rpb, dtype, device):
-    q, k, v, rpb = _inputs(shape, dtype, device, use_rpb=use_rpb)
-    expected, _ = reference_na2d(q, k, v, shape[2], shape[3], rpb)
-    cast = [None if t is None else t.to(device=device, dtype=dtype) for t in (q, k, v, rpb)]
-    _runnable(backend, cast[0], use_rpb, needs_grad=False)
-    with torch.no_grad():
-        out = ops.na2d(*cast[:3], shape[2], shape[3], rpb=cast[3], backend=backend)
-    assert out.dtype == dtype and out.shape == expected.shape
-    _close(out.cpu(), expected, dtype, f"{backend} output")
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_backend_forward_matches_reference(case, backend, use_rpb, dtype, device):
+    reference_run(case, use_rpb).check_backend(backend, dtype, device, backward=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("use_rpb", [True, False], ids=["rpb", "no_rpb"])
 @pytest.mark.parametrize("backend", dispatch.BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
-def test_backend_backward_matches_reference(shape, backend, use_rpb, dtype, device):
-    q, k, v, rpb = _inputs(shape, dtype, device, seed=1, use_rpb=use_rpb)
-    leaves = [t.requires_grad_() for t in (q, k, v, rpb) if t is not None]
-    expected, _ = reference_na2d(q, k, v, shape[2], shape[3], rpb)
-    grad_out = torch.randn_like(expected)
-    expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+@pytest.mark.parametrize("case", CASES[:3], ids=str)
+def test_backend_backward_matches_reference(case, backend, use_rpb, dtype, device):
+    reference_run(case, use_rpb).check_backend(backend, dtype, device, backward=True)
 
-    cast = [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in leaves]
-    _runnable(backend, cast[0], use_rpb, needs_grad=True)
-    out = ops.na2d(*cast[:3], shape[2], shape[3], rpb=cast[3] if use_rpb else None, backend=backend)
-    grads = torch.autograd.grad(out, cast, grad_out.to(device=device, dtype=dtype))
-    for name, got, want in zip("q k v rpb".split(), grads, expected_grads):
-        assert got.dtype == dtype
-        _close(got.cpu(), want, dtype, f"{backend} grad of {name}")
+
+# Which forced tiles fit an axis with K=5, stated by hand (not by the planner's own predicate): a tile of T
+# queries sees a halo of T + K - 1 keys, enough for every window inside the axis; a window clamped at an end
+# reaches K - 1 = 4 keys into the axis, so the first tile and a partial last tile need more than K // 2 = 2
+# queries. A tile at least as long as the axis is the whole axis.
+TILES = [3, 4, 5, 6, 8, 11, 40]
+FITTING_TILES = {  # length: tiles that fit (the last tile's queries, length % tile, in brackets for the rest)
+    11: {4, 6, 8, 11, 40},    # 3 (2), 5 (1) leave a last tile of at most 2
+    23: {4, 5, 6, 8, 40},     # 3 (2), 11 (1)
+    17: {6, 11, 40},          # 3 (2), 4 (1), 5 (2), 8 (1)
+    12: {3, 4, 6, 8, 40},     # 5 (2), 11 (1)
+}
 
 
 @pytest.mark.parametrize("path", [torch_backend.na2d, traced.na2d], ids=["eager-kernel", "traced"])
-@pytest.mark.parametrize("tile", [3, 4, 5, 6, 8, 11, 40])
-@pytest.mark.parametrize("size", [(11, 23), (17, 12)])
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("size", [(11, 23), (17, 12)], ids=str)
 def test_torch_backend_every_tiling_matches_reference(size, tile, path):
-    # tiles that leave partial last tiles and halos clamped at both ends, forward and backward; the eager
-    # kernel and the traced (export) path read the same plan
-    shape = (*size, 5, 1, 1, 2, 4)
-    q, k, v, rpb = _inputs(shape, torch.float64, "cpu", seed=2)
-    leaves = [t.requires_grad_() for t in (q, k, v, rpb)]
-    expected, _ = reference_na2d(q, k, v, 5, 1, rpb)
-    fits = [plan.tile_fits(length, 5, tile) for length in size]
-    if not all(fits):
+    # forced tiles that leave partial last tiles and halos clamped at both ends, forward and backward; the eager
+    # kernel and the traced (export) path read the same plan; a tile that does not fit is refused
+    run = reference_run(NACase(*size, 5, 1, 1, 2, 4), seed=2)
+
+    def tiled_na2d(q, k, v, rpb):
+        return path(q, k, v, (5, 5), (1, 1), rpb=rpb, tile=tile)
+
+    if all(tile in FITTING_TILES[length] for length in size):
+        run.check(tiled_na2d, what=f"tile {tile}")
+    else:
         with pytest.raises(ValueError, match="does not fit"):
-            path(q, k, v, (5, 5), (1, 1), rpb=rpb, tile=tile)
-        return
-    out = path(q, k, v, (5, 5), (1, 1), rpb=rpb, tile=tile)
-    grad_out = torch.randn_like(out)
-    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
-    for got, want in zip(torch.autograd.grad(out, leaves, grad_out), torch.autograd.grad(expected, leaves, grad_out)):
-        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+            tiled_na2d(run.q, run.k, run.v, run.rpb)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, 10**9], ids=["tile-rows", "batch-items", "whole"])
 def test_torch_backend_chunking_matches_reference(monkeypatch, chunk_bytes):
     # the scores are computed in chunks (batch items, or rows of tiles when one item is too big)
     monkeypatch.setattr(tiled, "CHUNK_BYTES", chunk_bytes)
-    shape = (20, 18, 5, 2, 3, 2, 4)
-    q, k, v, rpb = _inputs(shape, torch.float64, "cpu", seed=4)
-    leaves = [t.requires_grad_() for t in (q, k, v, rpb)]
-    expected, _ = reference_na2d(q, k, v, 5, 2, rpb)
-    out = torch_backend.na2d(q, k, v, (5, 5), (2, 2), rpb=rpb, tile=5)
-    grad_out = torch.randn_like(out)
-    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
-    for got, want in zip(torch.autograd.grad(out, leaves, grad_out), torch.autograd.grad(expected, leaves, grad_out)):
-        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    run = reference_run(NACase(20, 18, 5, 2, 3, 2, 4), seed=4)
+    run.check(lambda q, k, v, rpb: torch_backend.na2d(q, k, v, (5, 5), (2, 2), rpb=rpb, tile=5),
+              what=f"chunks of {chunk_bytes} bytes")
+
+
+def _float32_inputs():
+    run = reference_run(CASES[0])
+    return [t.float() for t in run.leaves()]
 
 
 def test_automatic_choice_on_cpu_is_torch_and_logged(caplog):
-    q, k, v, rpb = (t.float() for t in _inputs(SHAPES[0], torch.float32, "cpu"))
+    q, k, v, rpb = _float32_inputs()
     with caplog.at_level(logging.DEBUG, logger="dinat.ops"):
         ops.na2d(q, k, v, 7, 1, rpb=rpb)
     assert any("backend torch" in record.getMessage() and "cpu" in record.getMessage() for record in caplog.records)
 
 
 def test_forcing_a_backend_that_cannot_run_says_why():
-    q, k, v, rpb = (t.float() for t in _inputs(SHAPES[0], torch.float32, "cpu"))
+    q, k, v, rpb = _float32_inputs()
     # flex attention has no backward on CPU in the pinned torch
     with pytest.raises(ValueError, match="backend 'flex' cannot run this call: .*no flex-attention backward"):
         ops.na2d(q.requires_grad_(), k, v, 7, 1, rpb=rpb, backend="flex")
@@ -145,7 +112,7 @@ def test_forcing_a_backend_that_cannot_run_says_why():
 
 
 def test_context_manager_overrides_the_argument_and_restores():
-    q, k, v, rpb = (t.float() for t in _inputs(SHAPES[0], torch.float32, "cpu"))
+    q, k, v, rpb = _float32_inputs()
     with ops.use_backend("flex"):
         assert dispatch.forced_backend() == "flex"
         with pytest.raises(ValueError, match="backend 'flex' cannot run"):
@@ -176,34 +143,43 @@ def test_config_fields_validate_and_serialize(tmp_path):
         DinatConfig(use_rpb="no")
 
 
-def _tiny_config(**kwargs) -> DinatConfig:
-    return DinatConfig(embed_dim=16, depths=[1, 2], num_heads=[2, 4], dilations=[[2], [1, 2]], kernel_size=3,
-                       num_labels=5, drop_path_rate=0.0, **kwargs)
-
-
-def test_model_without_rpb_has_no_rpb_and_its_backends_agree():
-    torch.manual_seed(0)
-    model = DinatForImageClassification(_tiny_config(use_rpb=False)).eval()
-    assert not any("rpb" in name for name in model.state_dict())
-    pixels = torch.randn(2, 3, 64, 48)
+@pytest.fixture(scope="module")
+def model_without_rpb():
+    """A tiny classifier without RPB, its input, and its logits on the torch backend."""
+    model = tiny_model(use_rpb=False).eval()
+    pixels = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(0))
     with ops.use_backend("torch"), torch.no_grad():
-        expected = model(pixels).logits
+        return model, pixels, model(pixels).logits
+
+
+def test_model_without_rpb_has_no_rpb_and_its_unfused_path_agrees(model_without_rpb):
+    model, pixels, expected = model_without_rpb
+    assert not any("rpb" in name for name in model.state_dict())
     # the unfused path (output_attentions) is an independent route through the same weights
     with torch.no_grad():
         unfused = model(pixels, output_attentions=True).logits
     torch.testing.assert_close(unfused, expected, atol=1e-5, rtol=1e-5)
-    for backend in ("flex", "natten"):
-        probe = torch.zeros(1, 2, 16, 12, 8)
-        reason = dispatch.why_not(backend, probe, has_rpb=False, needs_grad=False)
-        if reason is not None:
-            continue
-        with ops.use_backend(backend), torch.no_grad():
-            torch.testing.assert_close(model(pixels).logits, expected, atol=1e-4, rtol=1e-4)
-    # the config field forces the backend for every layer
-    forced = DinatForImageClassification(_tiny_config(use_rpb=True, na_backend="natten"))
+
+
+@pytest.mark.parametrize("backend", ["flex", "natten"])
+def test_model_without_rpb_agrees_on_every_backend(model_without_rpb, backend):
+    model, pixels, expected = model_without_rpb
+    probe = torch.zeros(2, 2, 16, 12, 8)  # the first stage's (batch, heads, H, W, head_dim)
+    reason = dispatch.why_not(backend, probe, has_rpb=False, needs_grad=False)
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} cannot run here: {reason}")
+    with ops.use_backend(backend), torch.no_grad():
+        torch.testing.assert_close(model(pixels).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_config_field_forces_the_backend_of_every_layer(model_without_rpb):
+    _, pixels, _ = model_without_rpb
+    forced = tiny_model(use_rpb=True, na_backend="natten")
     if dispatch.natten_version() is None or dispatch.natten_version() >= (0, 20):
         with pytest.raises(ValueError, match="backend 'natten' cannot run"):
             forced(pixels)
+    else:  # NATTEN <= 0.17 has the RPB ops
+        forced(pixels)
 
 
 def test_dinat_imports_and_runs_without_natten(tmp_path):
@@ -238,9 +214,12 @@ def test_dinat_imports_and_runs_without_natten(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=GPU_REASON)
-def test_automatic_choice_on_cuda_prefers_fused_kernels():
+@pytest.mark.parametrize("has_rpb", [True, False], ids=["rpb", "no_rpb"])
+def test_automatic_choice_on_cuda_prefers_fused_kernels(has_rpb):
+    # stated from the installed NATTEN's version, not from the backends' own checks: NATTEN 0.17 runs layers with
+    # and without RPB, NATTEN >= 0.20 only those without; otherwise flex attention (torch >= 2.5, head_dim >= 16)
     q = torch.zeros(1, 2, 16, 16, 32, device="cuda", dtype=torch.float16)
-    name = dispatch.choose(None, q, has_rpb=True, needs_grad=False, kernel_size=(7, 7), dilation=(1, 1))
-    expected = "natten" if dispatch.why_not("natten", q, True, False) is None else (
-        "flex" if dispatch.flex_available() else "torch")
-    assert name == expected
+    version = dispatch.natten_version()
+    natten_runs_it = version is not None and version >= (0, 17) and (version < (0, 20) or not has_rpb)
+    name = dispatch.choose(None, q, has_rpb=has_rpb, needs_grad=False, kernel_size=(7, 7), dilation=(1, 1))
+    assert name == ("natten" if natten_runs_it else "flex")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dinat import DinatConfig
+from conftest import FOUR_STAGES, tiny_config
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -22,8 +22,7 @@ def run(script, *args, cwd):
 
 def test_benchmark_runs_every_part_on_a_tiny_dinat(tmp_path):
     config_dir = tmp_path / "tiny-dinat"
-    DinatConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], kernel_size=3,
-                dilations=[[2], [1], [1], [1]], num_labels=1000).save_pretrained(config_dir)
+    tiny_config(**FOUR_STAGES, num_labels=1000).save_pretrained(config_dir)
     output, markdown, charts = tmp_path / "bench.json", tmp_path / "tables.md", tmp_path / "charts"
     result = run("benchmark.py", "--model", str(config_dir), "--peers", "", "--batch", "2", "--size", "64",
                  "--backbone-size", "64", "--scaling-sizes", "64,96", "--op-batch", "1", "--op-dtypes", "float32",

@@ -8,6 +8,7 @@ their backbone from `backbone_config`. Fixtures (`tests/fixtures/dense/`) come f
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -19,9 +20,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import dinat  # noqa: F401  (registers DiNAT with transformers' Auto classes)
+from conftest import FIXTURES, FOUR_STAGES, REFERENCE_TOL, TESTS, tiny_config
 from dinat import DinatBackbone, DinatConfig
 
-DENSE = Path(__file__).parent / "fixtures" / "dense"
+DENSE = FIXTURES / "dense"
 
 
 def backbone_of(model) -> DinatBackbone:
@@ -32,7 +34,7 @@ def backbone_of(model) -> DinatBackbone:
 
 
 def assert_close_to_reference(got: torch.Tensor, expected: torch.Tensor, name: str) -> None:
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=name)
+    torch.testing.assert_close(got, expected, **REFERENCE_TOL, msg=name)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -85,10 +87,8 @@ def test_oneformer_hub_layout_matches_reference():
 # Every head that builds its backbone with AutoBackbone: forward, loss, backward, save/load
 # -------------------------------------------------------------------------------------------------
 def small_backbone(**overrides) -> DinatConfig:
-    fields = dict(embed_dim=16, depths=[1, 2, 1, 1], num_heads=[1, 2, 4, 8], kernel_size=3,
-                  dilations=[[1], [1, 2], [1], [1]], mlp_ratio=2.0, drop_path_rate=0.0,
-                  out_features=["stage1", "stage2", "stage3", "stage4"])
-    return DinatConfig(**{**fields, **overrides})
+    """conftest's four-stage tiny DiNAT with every stage an output (unless overridden)."""
+    return tiny_config(**{**FOUR_STAGES, "out_features": ["stage1", "stage2", "stage3", "stage4"], **overrides})
 
 
 def masks_and_classes(generator, batch: int, size: int, num_labels: int):
@@ -325,19 +325,6 @@ def test_pipeline_segments_with_oneformer_and_a_local_processor(tmp_path):
     np.testing.assert_array_equal(got, expected)
 
 
-def write_hub_repo(cache: Path, repo_id: str, files: Path, kind: str = "models") -> None:
-    """Put the files of `files` into a huggingface_hub cache as `hf download` leaves them (blobs, snapshot links)."""
-    from hub_cache_helpers import REVISION, _write_blob
-
-    repo_dir = cache / f"{kind}--{repo_id.replace('/', '--')}"
-    snapshot = repo_dir / "snapshots" / REVISION
-    snapshot.mkdir(parents=True)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(REVISION)
-    for path in sorted(files.iterdir()):
-        _write_blob(repo_dir, snapshot, path.name, path.read_bytes())
-
-
 def test_segment_example_writes_the_overlay_for_a_hub_id_offline(tmp_path):
     """examples/segment.py with the README's hub id, resolved offline from a local hub cache holding a tiny
     checkpoint in that repo's layout (its processor reads the class list from the dataset repo
@@ -345,10 +332,11 @@ def test_segment_example_writes_the_overlay_for_a_hub_id_offline(tmp_path):
     import subprocess
     import sys
 
-    from hub_cache_helpers import offline_env
+    from hub_cache_helpers import offline_env, write_hub_repo
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-    import segment
+    spec = importlib.util.spec_from_file_location("segment", TESTS.parent / "examples" / "segment.py")
+    segment = importlib.util.module_from_spec(spec)  # the script as a module: its colours are the expectation
+    spec.loader.exec_module(segment)
 
     saved = tiny_oneformer_checkpoint(tmp_path / "saved")
     repo, metadata = tmp_path / "repo", tmp_path / "metadata"
@@ -360,8 +348,9 @@ def test_segment_example_writes_the_overlay_for_a_hub_id_offline(tmp_path):
     processor_config["image_processor"]["repo_path"] = "shi-labs/oneformer_demo"
     (repo / "processor_config.json").write_text(json.dumps(processor_config))
     cache = tmp_path / "hub"
-    write_hub_repo(cache, "shi-labs/oneformer_ade20k_dinat_large", repo)
-    write_hub_repo(cache, "shi-labs/oneformer_demo", metadata, kind="datasets")
+    for repo_id, folder, kind in (("shi-labs/oneformer_ade20k_dinat_large", repo, "models"),
+                                  ("shi-labs/oneformer_demo", metadata, "datasets")):
+        write_hub_repo(cache, repo_id, {p.name: p.read_bytes() for p in sorted(folder.iterdir())}, kind)
     image = structured_image()
     image.save(tmp_path / "street.png")
 

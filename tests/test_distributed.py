@@ -20,11 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-WORKERS = Path(__file__).parent / "distributed_workers"
-sys.path.insert(0, str(WORKERS))
-import common  # noqa: E402
+from conftest import TESTS, TINY, tiny_model
+from dinat import DinatForImageClassification
+from distributed_workers import common
 
-from dinat import DinatBackbone, DinatConfig, DinatForImageClassification  # noqa: E402
+WORKERS = TESTS / "distributed_workers"
 
 PARAMETER_TOLERANCE = 1e-5
 
@@ -38,7 +38,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def distributed_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("distributed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRANSFORMERS_VERBOSITY": "error",
+    python_path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))  # for conftest
+    env = {**os.environ, "PYTHONPATH": python_path, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRANSFORMERS_VERBOSITY": "error",
            "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(common.WORLD_SIZE),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKERS / "train.py"), str(out)]
@@ -51,7 +52,7 @@ def distributed_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single_process_sgd() -> dict[str, torch.Tensor]:
     torch.set_num_threads(1)
-    model = common.small_model()
+    model = tiny_model()
     common.sgd_steps(model, common.global_batches(), common.classification_loss)
     return {name: p.detach() for name, p in model.named_parameters()}
 
@@ -73,7 +74,7 @@ def assert_same_parameters(got: dict[str, torch.Tensor], expected: dict[str, tor
 
 
 def initial_parameters() -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in common.small_model().named_parameters()}
+    return {name: p.detach() for name, p in tiny_model().named_parameters()}
 
 
 def test_ddp_equals_one_process(distributed_run, single_process_sgd):
@@ -100,7 +101,7 @@ def test_fsdp2_with_checkpointing_gathers_a_loadable_state_dict(distributed_run,
     with get_model_state_dict(full_state_dict=True) and written by save_pretrained loads with from_pretrained
     and holds the parameters of the same training on one process."""
     model = DinatForImageClassification.from_pretrained(distributed_run / "fsdp_model")
-    assert model.config.embed_dim == common.CONFIG["embed_dim"]
+    assert model.config.embed_dim == TINY["embed_dim"]
     got = {name: p.detach() for name, p in model.named_parameters()}
     assert_same_parameters(got, single_process_sgd, moved_from=initial_parameters())
 
@@ -108,8 +109,7 @@ def test_fsdp2_with_checkpointing_gathers_a_loadable_state_dict(distributed_run,
 def test_ddp_backbone_with_unused_last_stage(distributed_run):
     """out_features without the last stage: that stage gets no gradient. With find_unused_parameters=True DDP
     trains like one process; without it, DDP stops with its unused-parameters error."""
-    torch.manual_seed(0)
-    backbone = DinatBackbone(DinatConfig(**common.CONFIG, out_features=["stage1", "stage2"]))
+    backbone = common.backbone_without_last_stage()
     before = {name: p.detach().clone() for name, p in backbone.named_parameters()}
     common.sgd_steps(backbone, common.global_batches(), common.early_features_loss)
     expected = {name: p.detach() for name, p in backbone.named_parameters()}

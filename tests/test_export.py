@@ -8,21 +8,13 @@ uneven dilation groups (92x76 input) and layer scale.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
+from conftest import load_case
 from dinat import DinatForImageClassification
 
-CASES = Path(__file__).parent / "fixtures" / "cases"
 TOLERANCE = 1e-4
-
-
-def load_case(name: str) -> tuple[DinatForImageClassification, dict[str, torch.Tensor]]:
-    model = DinatForImageClassification.from_pretrained(CASES / name / "model").eval()
-    return model, load_file(CASES / name / "io.safetensors")
 
 
 def eager_logits(model: DinatForImageClassification, pixels: torch.Tensor) -> torch.Tensor:

@@ -1,41 +1,17 @@
-"""Model behaviour beyond the golden fixtures: outputs, losses, backbone selection, sizes, bad input."""
+"""Model behaviour beyond the golden fixtures and the heads' common contract (test_contract.py): pooling, losses,
+backbone selection, input sizes, dtypes, bad input, new heads."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_config, tiny_model
 from dinat import DinatBackbone, DinatConfig, DinatForImageClassification, DinatModel
-
-
-def tiny_config(**overrides):
-    fields = dict(embed_dim=16, depths=[1, 2, 1], num_heads=[1, 2, 4], kernel_size=3, dilations=[[2], [1, 2], [1]],
-                  num_labels=5, drop_path_rate=0.0)
-    fields.update(overrides)
-    return DinatConfig(**fields)
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return DinatForImageClassification(tiny_config()).eval()
-
-
-def test_output_shapes_and_tuple_form(model):
-    x = torch.randn(2, 3, 64, 48)
-    with torch.no_grad():
-        out = model(x, output_hidden_states=True, output_attentions=True)
-        tup = model(x, output_hidden_states=True, output_attentions=True, return_dict=False)
-    assert out.logits.shape == (2, 5)
-    assert [tuple(h.shape) for h in out.hidden_states] == [(2, 16, 12, 16), (2, 8, 6, 32), (2, 4, 3, 64), (2, 4, 3, 64)]
-    assert [tuple(h.shape) for h in out.reshaped_hidden_states] == [(2, 16, 16, 12), (2, 32, 8, 6), (2, 64, 4, 3),
-                                                                    (2, 64, 4, 3)]
-    # attentions are each stage's last layer; weights over each window sum to one
-    assert [tuple(a.shape) for a in out.attentions] == [(2, 1, 16, 12, 9), (2, 2, 8, 6, 9), (2, 4, 4, 3, 9)]
-    assert len(tup) == 4
-    torch.testing.assert_close(tup[0], out.logits)
-    for a, b in zip(tup[1], out.hidden_states):
-        torch.testing.assert_close(a, b)
-    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, 1, 16, 12))
+    return tiny_model(num_labels=5).eval()
 
 
 def test_pooler_is_mean_of_last_hidden_state(model):
@@ -61,12 +37,12 @@ def test_any_input_size(model, size):
 def test_losses_by_problem_type():
     torch.manual_seed(0)
     x = torch.randn(3, 3, 32, 32)
-    single = DinatForImageClassification(tiny_config()).eval()
+    single = DinatForImageClassification(tiny_config(num_labels=5)).eval()
     labels = torch.tensor([0, 4, 2])
     out = single(x, labels=labels)
     torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
 
-    multi = DinatForImageClassification(tiny_config(problem_type="multi_label_classification")).eval()
+    multi = DinatForImageClassification(tiny_config(num_labels=5, problem_type="multi_label_classification")).eval()
     targets = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1]], dtype=torch.float)
     out = multi(x, labels=targets)
     torch.testing.assert_close(out.loss, F.binary_cross_entropy_with_logits(out.logits, targets))
@@ -82,10 +58,9 @@ def test_losses_by_problem_type():
 
 
 def test_backbone_out_features_and_indices():
-    torch.manual_seed(0)
     config = tiny_config(out_features=["stem", "stage2"])
     assert config.out_indices == [0, 2]
-    backbone = DinatBackbone(config).eval()
+    backbone = tiny_model(DinatBackbone, out_features=["stem", "stage2"]).eval()
     assert backbone.channels == [16, 32]
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -106,21 +81,8 @@ def test_model_without_pooler():
     assert out.pooler_output is None
 
 
-def test_drop_path_is_stochastic_in_training_only():
-    torch.manual_seed(0)
-    model = DinatForImageClassification(tiny_config(drop_path_rate=0.5))
-    x = torch.randn(4, 3, 32, 32)
-    rates = [layer.drop_path.drop_prob for stage in model.dinat.encoder.levels for layer in stage.layers]
-    assert rates == pytest.approx([0.0, 1 / 6, 2 / 6, 0.5])  # linear over all layers
-    model.train()
-    assert not torch.allclose(model(x).logits, model(x).logits)
-    model.eval()
-    torch.testing.assert_close(model(x).logits, model(x).logits)
-
-
 def test_bfloat16_model_runs():
-    torch.manual_seed(0)
-    model = DinatForImageClassification(tiny_config()).eval()
+    model = tiny_model().eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         ref = model(x).logits

@@ -4,23 +4,21 @@ load into the DiNAT classes with every dilation 1 and match the reference NAT's 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
+from conftest import CASES, REFERENCE_TOL, case_io
 from dinat import DinatBackbone, DinatConfig, DinatForImageClassification, DinatModel
 
-CASE = Path(__file__).parent / "fixtures" / "cases" / "nat_small"
+CASE = CASES / "nat_small"
 CHECKPOINT = CASE / "model"
-TOL = dict(atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
 def io():
-    return load_file(str(CASE / "io.safetensors"))
+    return case_io("nat_small")
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +44,11 @@ def test_nat_classifier_matches_reference_logits_and_hidden_states(io):
     model.eval()
     with torch.no_grad():
         out = model(io["pixel_values"], output_hidden_states=True)
-    torch.testing.assert_close(out.logits, io["logits"], **TOL)
+    torch.testing.assert_close(out.logits, io["logits"], **REFERENCE_TOL)
     expected_hidden = sorted(k for k in io if k.startswith("hidden_states."))
     assert len(out.hidden_states) == len(expected_hidden)
     for i, hidden in enumerate(out.hidden_states):
-        torch.testing.assert_close(hidden, io[f"hidden_states.{i}"], **TOL)
+        torch.testing.assert_close(hidden, io[f"hidden_states.{i}"], **REFERENCE_TOL)
 
 
 def test_nat_weights_load_into_model_and_backbone(io):
@@ -62,7 +60,7 @@ def test_nat_weights_load_into_model_and_backbone(io):
     with torch.no_grad():
         out = base.eval()(io["pixel_values"], output_hidden_states=True)
     for i, hidden in enumerate(out.hidden_states):
-        torch.testing.assert_close(hidden, io[f"hidden_states.{i}"], **TOL)
+        torch.testing.assert_close(hidden, io[f"hidden_states.{i}"], **REFERENCE_TOL)
 
     backbone = DinatBackbone.from_pretrained(CHECKPOINT, out_features=["stage1", "stage3"])
     torch.testing.assert_close(backbone.embeddings.patch_embeddings.projection[0].weight, stem_weight)
@@ -82,4 +80,4 @@ def test_nat_checkpoint_saves_as_dinat(tmp_path, io):
     assert any(k.startswith("dinat.encoder.") for k in keys)
     reloaded = DinatForImageClassification.from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(io["pixel_values"]).logits, io["logits"], **TOL)
+        torch.testing.assert_close(reloaded(io["pixel_values"]).logits, io["logits"], **REFERENCE_TOL)

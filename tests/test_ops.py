@@ -1,85 +1,55 @@
-"""The op layer against the slow reference tester: forward and backward on hand-picked edge shapes."""
+"""The op layer against the slow reference (na_tester): forward and backward on hand-picked edge shapes; its
+window order, memory, errors and custom-op registration."""
 
 import pytest
 import torch
 
-from dinat.ops import na2d, na2d_av, na2d_qk
-from reference_na import reference_na2d
+from dinat.ops import na2d, na2d_av, na2d_qk, traced
+from na_tester import NACase, assert_close, reference_run
 
-# (height, width, kernel, dilation, batch, heads, head_dim): why each is here
-EDGE_SHAPES = [
-    (7, 7, 7, 1, 1, 1, 4),      # K equal to the axis: every query sees the whole map
-    (9, 13, 3, 1, 2, 2, 8),     # non-square
-    (14, 10, 5, 2, 2, 3, 4),    # K*d equal to the width
-    (13, 14, 3, 4, 1, 2, 4),    # unequal dilation groups on both axes (13 % 4, 14 % 4)
-    (12, 12, 5, 2, 2, 2, 4),    # equal groups
-    (16, 17, 3, 5, 1, 2, 4),    # dilation larger than half the axis, uneven groups
-    (16, 16, 1, 16, 1, 1, 4),   # dilation 16, K=1 (each query attends to itself only)
-    (48, 50, 3, 16, 1, 1, 2),   # dilation 16, K=3, uneven groups
-    (13, 13, 13, 1, 1, 2, 4),   # K = 13
-    (11, 12, 9, 1, 1, 1, 4),    # K = 9 with tiles that overlap the halo
-    (20, 9, 7, 1, 2, 2, 4),     # K = 7, more rows than the tile
-    (30, 15, 3, 3, 1, 3, 2),    # many tiles per group
+# why each is here
+EDGE_CASES = [
+    NACase(7, 7, 7, 1, 1, 1, 4),      # K equal to the axis: every query sees the whole map
+    NACase(9, 13, 3, 1, 2, 2, 8),     # non-square
+    NACase(14, 10, 5, 2, 2, 3, 4),    # K*d equal to the width
+    NACase(13, 14, 3, 4, 1, 2, 4),    # unequal dilation groups on both axes (13 % 4, 14 % 4)
+    NACase(12, 12, 5, 2, 2, 2, 4),    # equal groups
+    NACase(16, 17, 3, 5, 1, 2, 4),    # dilation larger than half the axis, uneven groups
+    NACase(16, 16, 1, 16, 1, 1, 4),   # dilation 16, K=1 (each query attends to itself only)
+    NACase(48, 50, 3, 16, 1, 1, 2),   # dilation 16, K=3, uneven groups
+    NACase(13, 13, 13, 1, 1, 2, 4),   # K = 13
+    NACase(11, 12, 9, 1, 1, 1, 4),    # K = 9 with tiles that overlap the halo
+    NACase(20, 9, 7, 1, 2, 2, 4),     # K = 7, more rows than the tile
+    NACase(30, 15, 3, 3, 1, 3, 2),    # many tiles per group
 ]
 
 
-def _inputs(shape, dtype=torch.float64, seed=0):
-    height, width, kernel, dilation, batch, heads, dim = shape
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(batch, heads, height, width, dim, generator=g, dtype=dtype) for _ in range(3))
-    rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g, dtype=dtype)
-    return q, k, v, rpb
-
-
-@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("case", EDGE_CASES, ids=str)
 @pytest.mark.parametrize("use_rpb", [True, False], ids=["rpb", "no_rpb"])
-def test_fused_matches_reference_forward_backward(shape, use_rpb):
-    kernel, dilation = shape[2], shape[3]
-    q, k, v, rpb = _inputs(shape)
-    rpb = rpb if use_rpb else None
-    leaves = [t.requires_grad_() for t in (q, k, v) + ((rpb,) if use_rpb else ())]
-    expected, _ = reference_na2d(q, k, v, kernel, dilation, rpb)
-    grad_out = torch.randn_like(expected)
-    expected_grads = torch.autograd.grad(expected, leaves, grad_out)
-
-    out = na2d(q, k, v, kernel, dilation, rpb=rpb)
-    grads = torch.autograd.grad(out, leaves, grad_out)
-    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+def test_op_matches_reference_forward_backward(case, use_rpb):
+    # the public op with the automatic choice (on CPU: the eager tiled kernel), float64
+    reference_run(case, use_rpb).check(lambda q, k, v, rpb: na2d(q, k, v, case.kernel, case.dilation, rpb=rpb))
 
 
-@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_traced_path_matches_reference(shape):
+@pytest.mark.parametrize("case", EDGE_CASES, ids=str)
+def test_traced_path_matches_reference(case):
     # the plain differentiable version that torch.export runs instead of the eager kernel's custom op
-    from dinat.ops.traced import na2d as traced_na2d
-
-    kernel, dilation = shape[2], shape[3]
-    q, k, v, rpb = _inputs(shape, seed=2)
-    leaves = [t.requires_grad_() for t in (q, k, v, rpb)]
-    expected, _ = reference_na2d(q, k, v, kernel, dilation, rpb)
-    out = traced_na2d(q, k, v, (kernel, kernel), (dilation, dilation), rpb=rpb)
-    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
-    grad_out = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, leaves, grad_out),
-                         torch.autograd.grad(expected, leaves, grad_out)):
-        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    pair = (case.kernel, case.kernel), (case.dilation, case.dilation)
+    reference_run(case).check(lambda q, k, v, rpb: traced.na2d(q, k, v, *pair, rpb=rpb), what="traced na2d")
 
 
-@pytest.mark.parametrize("shape", EDGE_SHAPES[:6], ids=lambda s: "x".join(map(str, s)))
-def test_unfused_pair_matches_reference(shape):
-    kernel, dilation = shape[2], shape[3]
-    q, k, v, rpb = _inputs(shape, seed=1)
-    leaves = [t.requires_grad_() for t in (q, k, v, rpb)]
-    expected_out, expected_weights = reference_na2d(q, k, v, kernel, dilation, rpb, scale=0.3)
-    weights = na2d_qk(q * 0.3, k, kernel, dilation, rpb=rpb).softmax(-1)
-    out = na2d_av(weights, v, kernel, dilation)
-    torch.testing.assert_close(weights, expected_weights, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(out, expected_out, atol=1e-10, rtol=1e-10)
-    grad_out = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, leaves, grad_out),
-                         torch.autograd.grad(expected_out, leaves, grad_out)):
-        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+@pytest.mark.parametrize("case", EDGE_CASES[:6], ids=str)
+def test_unfused_pair_matches_reference(case):
+    # na2d_qk then na2d_av (the path that returns attention weights), with a scale other than the default
+    run = reference_run(case, scale=0.3)
+    weights = []
+
+    def unfused(q, k, v, rpb):
+        weights.append(na2d_qk(q * 0.3, k, case.kernel, case.dilation, rpb=rpb).softmax(-1))
+        return na2d_av(weights[-1], v, case.kernel, case.dilation)
+
+    run.check(unfused, what="na2d_qk + na2d_av")
+    assert_close(weights[0], run.weights, 1e-10, "attention weights")
 
 
 def test_weights_are_in_row_major_window_order():
@@ -90,17 +60,6 @@ def test_weights_are_in_row_major_window_order():
     k[0, 0, :, :, 0] = torch.arange(25.0).view(5, 5)
     scores = na2d_qk(q, k, 3, 1)[0, 0, 0, 0]
     assert scores.tolist() == [0.0, 1.0, 2.0, 5.0, 6.0, 7.0, 10.0, 11.0, 12.0]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_float_dtypes(dtype):
-    shape = (12, 12, 5, 2, 2, 2, 8)
-    q, k, v, rpb = _inputs(shape, dtype=torch.float64, seed=3)
-    expected, _ = reference_na2d(q, k, v, 5, 2, rpb)
-    out = na2d(q.to(dtype), k.to(dtype), v.to(dtype), 5, 2, rpb=rpb.to(dtype))
-    assert out.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
 
 
 def _peak_op_allocation(fn) -> int:
@@ -147,7 +106,7 @@ def test_custom_op_passes_opcheck(keep):
     # its registered autograd and its schema must agree with the kernel (strides included)
     import dinat.ops.torch_backend  # noqa: F401  (registers the ops)
 
-    q, k, v, rpb = _inputs((9, 10, 3, 2, 2, 2, 4), seed=3)
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), rpb.requires_grad_(), [3, 3], [2, 2],
-            0.5, [0, 0], keep)
+    run = reference_run(NACase(9, 10, 3, 2, 2, 2, 4))
+    q, k, v, rpb = (t.clone().requires_grad_() for t in run.leaves())
+    args = (q, k, v, rpb, [3, 3], [2, 2], 0.5, [0, 0], keep)
     torch.library.opcheck(torch.ops.dinat.na2d.default, args)

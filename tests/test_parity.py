@@ -10,23 +10,17 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import CASES
+from conftest import CASES, REFERENCE_TOL, case_io, load_case
 from dinat import DinatBackbone, DinatForImageClassification
 
-TOL = dict(atol=1e-4, rtol=1e-4)
 MODEL_CASES = ["tiny_pad", "odd_shapes", "mini_layout"]
 
 
 @pytest.fixture(scope="module", params=MODEL_CASES)
 def case(request):
     name = request.param
-    return name, load_file(CASES / name / "io.safetensors")
-
-
-def _load(name, weights="model"):
-    return DinatForImageClassification.from_pretrained(CASES / name / weights).eval()
+    return name, case_io(name)
 
 
 @pytest.mark.parametrize("weights", ["model", "model_bin"])
@@ -34,30 +28,31 @@ def test_outputs_match_reference(case, weights):
     name, io = case
     if not (CASES / name / weights).exists():
         pytest.skip(f"{name} has no {weights} checkpoint")
-    model = _load(name, weights)
+    model, _ = load_case(name, weights)
     x = io["pixel_values"]
     with torch.no_grad():
         out = model(x, output_hidden_states=True, output_attentions=True)
         base = model.dinat(x)
-    torch.testing.assert_close(out.logits, io["logits"], **TOL)
-    torch.testing.assert_close(base.last_hidden_state, io["last_hidden_state"], **TOL)
-    torch.testing.assert_close(base.pooler_output, io["pooler_output"], **TOL)
+    torch.testing.assert_close(out.logits, io["logits"], **REFERENCE_TOL)
+    torch.testing.assert_close(base.last_hidden_state, io["last_hidden_state"], **REFERENCE_TOL)
+    torch.testing.assert_close(base.pooler_output, io["pooler_output"], **REFERENCE_TOL)
     n_stages = len(model.config.depths)
     assert len(out.hidden_states) == len(out.reshaped_hidden_states) == n_stages + 1
     assert len(out.attentions) == n_stages
     for i in range(n_stages + 1):
-        torch.testing.assert_close(out.hidden_states[i], io[f"hidden_states.{i}"], **TOL)
-        torch.testing.assert_close(out.reshaped_hidden_states[i], io[f"reshaped_hidden_states.{i}"], **TOL)
+        torch.testing.assert_close(out.hidden_states[i], io[f"hidden_states.{i}"], **REFERENCE_TOL)
+        torch.testing.assert_close(out.reshaped_hidden_states[i], io[f"reshaped_hidden_states.{i}"], **REFERENCE_TOL)
     for i in range(n_stages):
-        torch.testing.assert_close(out.attentions[i], io[f"attentions.{i}"], **TOL)
+        torch.testing.assert_close(out.attentions[i], io[f"attentions.{i}"], **REFERENCE_TOL)
 
 
 def test_loss_and_gradients_match_reference(case):
     name, io = case
-    model = _load(name).train()  # the fixture's dropout and drop path are 0
+    model, _ = load_case(name)
+    model.train()  # the fixture's dropout and drop path are 0
     out = model(io["pixel_values"], labels=io["labels"])
     out.loss.backward()
-    torch.testing.assert_close(out.loss.reshape(1), io["loss"], **TOL)
+    torch.testing.assert_close(out.loss.reshape(1), io["loss"], **REFERENCE_TOL)
     checked = 0
     for pname, param in model.named_parameters():
         if f"grad.{pname}" not in io:
@@ -75,13 +70,13 @@ def test_backbone_feature_maps_match_reference(case):
     meta = json.loads((CASES / name / "case.json").read_text())
     if meta["backbone_out_features"] is None:
         pytest.skip(f"{name} has no backbone fixture")
-    backbone = DinatBackbone.from_pretrained(CASES / name / "backbone").eval()
+    backbone, _ = load_case(name, "backbone", DinatBackbone)
     assert backbone.out_features == meta["backbone_out_features"]
     with torch.no_grad():
         maps = backbone(io["pixel_values"]).feature_maps
     assert len(maps) == len(meta["backbone_out_features"])
     for i, fm in enumerate(maps):
-        torch.testing.assert_close(fm, io[f"backbone.feature_maps.{i}"], **TOL)
+        torch.testing.assert_close(fm, io[f"backbone.feature_maps.{i}"], **REFERENCE_TOL)
     assert backbone.channels == [fm.shape[1] for fm in maps]
 
 

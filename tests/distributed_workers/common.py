@@ -1,27 +1,26 @@
 """What the 2-process tests and their single-process references share: model, data, training schedule.
 
-Imported by `train.py` (run under torchrun) and by `tests/test_distributed.py` (the single-process side).
+Imported by `train.py` (run under torchrun, with tests/ on PYTHONPATH) and by `tests/test_distributed.py` (the
+single-process side). The model is conftest's tiny DiNAT.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
 
-from dinat import DinatConfig, DinatForImageClassification
+from conftest import Stripes, tiny_model
+from dinat import DinatBackbone
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8  # split over the ranks: each sees GLOBAL_BATCH // WORLD_SIZE samples a step
 STEPS = 3
 LEARNING_RATE = 0.05
 IMAGE = 32
-CONFIG = dict(embed_dim=16, depths=[2, 1, 1], num_heads=[1, 2, 4], kernel_size=3, dilations=[[1, 2], [1], [1]],
-              mlp_ratio=2.0, num_labels=3, drop_path_rate=0.0)
 
 
-def small_model(seed: int = 0, **overrides) -> DinatForImageClassification:
-    torch.manual_seed(seed)
-    return DinatForImageClassification(DinatConfig(**{**CONFIG, **overrides}))
+def backbone_without_last_stage(seed: int = 0):
+    """A backbone whose out_features skip the last stage: that stage gets no gradient."""
+    return tiny_model(DinatBackbone, seed=seed, out_features=["stage1", "stage2"])
 
 
 def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -54,25 +53,6 @@ def early_features_loss(backbone, pixels, labels) -> torch.Tensor:
     return sum(fm.square().mean() for fm in backbone(pixels).feature_maps)
 
 
-class Stripes(Dataset):
-    """Three easy classes (horizontal, vertical or no stripes, with noise) as Trainer items."""
-
-    def __init__(self, size: int, seed: int):
-        generator = torch.Generator().manual_seed(seed)
-        self.labels = torch.randint(0, 3, (size,), generator=generator)
-        self.noise = torch.randn(size, 3, IMAGE, IMAGE, generator=generator) * 0.3
-        stripes = (torch.arange(IMAGE) % 4 < 2).float()
-        self.patterns = [stripes[:, None].expand(IMAGE, IMAGE), stripes[None, :].expand(IMAGE, IMAGE),
-                         torch.zeros(IMAGE, IMAGE)]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict:
-        label = int(self.labels[index])
-        return {"pixel_values": self.noise[index] + self.patterns[label], "labels": label}
-
-
 def trainer_arguments(output_dir: str, per_device_batch: int, accumulation: int):
     from transformers import TrainingArguments
 
@@ -89,7 +69,7 @@ def train_with_trainer(output_dir: str, per_device_batch: int, accumulation: int
     """(model, logged train losses, eval loss) after STEPS Trainer steps on Stripes."""
     from transformers import Trainer
 
-    model = small_model()
+    model = tiny_model()
     trainer = Trainer(model=model, args=trainer_arguments(output_dir, per_device_batch, accumulation),
                       train_dataset=Stripes(48, 0), eval_dataset=Stripes(16, 1))
     trainer.train()

@@ -16,11 +16,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
-
-from dinat import DinatBackbone, DinatConfig  # noqa: E402
-from dinat.modeling_dinat import DinatLayer  # noqa: E402
+import common  # next to this script: on the path of a script run by torchrun
+from conftest import tiny_model
+from dinat.modeling_dinat import DinatLayer
 
 
 def save_parameters(model, path: Path) -> None:
@@ -28,15 +26,14 @@ def save_parameters(model, path: Path) -> None:
 
 
 def run_ddp(out: Path, rank: int) -> None:
-    model = common.small_model()
+    model = tiny_model()
     ddp = DistributedDataParallel(model)
     common.sgd_steps(ddp, [common.shard(b, rank) for b in common.global_batches()], common.classification_loss)
     if rank == 0:
         save_parameters(model, out / "ddp.safetensors")
 
     # a backbone whose out_features skip the last stage leaves that stage without gradients: DDP needs to be told
-    torch.manual_seed(0)
-    backbone = DinatBackbone(DinatConfig(**common.CONFIG, out_features=["stage1", "stage2"]))
+    backbone = common.backbone_without_last_stage()
     ddp = DistributedDataParallel(backbone, find_unused_parameters=True)
     common.sgd_steps(ddp, [common.shard(b, rank) for b in common.global_batches()], common.early_features_loss)
     if rank == 0:
@@ -46,8 +43,7 @@ def run_ddp(out: Path, rank: int) -> None:
 def run_unused_without_flag(out: Path, rank: int) -> None:
     """Without find_unused_parameters, DDP refuses such a backbone at the second step (run last: it leaves
     that DDP instance unusable)."""
-    torch.manual_seed(0)
-    backbone = DinatBackbone(DinatConfig(**common.CONFIG, out_features=["stage1", "stage2"]))
+    backbone = common.backbone_without_last_stage()
     ddp = DistributedDataParallel(backbone)
     try:
         common.sgd_steps(ddp, [common.shard(b, rank) for b in common.global_batches()], common.early_features_loss)
@@ -74,7 +70,7 @@ def run_fsdp(out: Path, rank: int) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    model = common.small_model()
+    model = tiny_model()
     model.activation_checkpointing_enable()  # DinatLayer is a GradientCheckpointingLayer: FSDP2 hooks stay outside
     for module in model.modules():
         if isinstance(module, DinatLayer):

@@ -24,19 +24,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import TINY, tiny_model
 from dinat import DinatBackbone, DinatConfig, DinatForImageClassification, DinatImageProcessor, DinatModel
 from dinat import atomic
 from dinat.cli import main as cli_main
 from dinat.hub import CheckpointNotFoundError
 from dinat.loading import CheckpointFileError, LoadWarning, MissingHeadError, NewHeadWarning, WeightDtypeError
 
-SMALL = dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], kernel_size=3, dilations=[[2], [1]], num_labels=4)
-SHARD = "20KB"  # splits the small model into several shards
+SMALL = {**TINY, "num_labels": 4}
+SHARD = "80KB"  # splits the small model (about 280 KB) into several shards
 
 
 def small(value: float | None = None, **overrides) -> DinatForImageClassification:
-    torch.manual_seed(0)
-    model = DinatForImageClassification(DinatConfig(**{**SMALL, **overrides})).eval()
+    model = tiny_model(**{"num_labels": 4, **overrides}).eval()
     if value is not None:
         with torch.no_grad():
             for param in model.parameters():

@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import CASES, FIXTURES
 from dinat import DinatConfig, DinatForImageClassification, DinatImageProcessor
 from dinat.config_validation import MAX_PARAMETERS, estimated_parameters
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-MODEL = FIXTURES / "cases" / "tiny_pad" / "model"  # a small classification checkpoint (config.json + weights)
+MODEL = CASES / "tiny_pad" / "model"  # a small classification checkpoint (config.json + weights)
 VIT_PROCESSOR = FIXTURES / "processor" / "vit_legacy_bicubic_224" / "preprocessor_config.json"  # the hub's form
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)[:, None, None]
 
