@@ -93,21 +93,6 @@ def _from_halos(grad: torch.Tensor, shape: torch.Size, plan_h: AxisPlan, plan_w:
     return grad[..., plan_h.pad_before:plan_h.pad_before + len_h, plan_w.pad_before:plan_w.pad_before + len_w, :]
 
 
-# CPUs without bfloat16 dot-product instructions (AVX512-BF16, AMX) run bfloat16 matmuls several times slower
-# than float32 ones: there the kernel converts its bfloat16 inputs to float32 while cutting tiles and halos
-# (copies it makes anyway) and converts the output back, which is also what a bfloat16 kernel accumulating in
-# float32 computes, minus the rounding of scores and probabilities.
-_CPU_BF16_MATMUL = any(getattr(torch.cpu, name, lambda: False)()
-                       for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype the kernel computes in for inputs of `dtype` on `device`."""
-    if dtype == torch.bfloat16 and device.type == "cpu" and not _CPU_BF16_MATMUL:
-        return torch.float32
-    return dtype
-
-
 def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     """Scores, bias and softmax stay in float32 for half-precision inputs."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -257,7 +242,7 @@ def _common_dtype(q, v) -> torch.dtype:
 
 def plan_for(q: torch.Tensor, kernel_size, dilation, tile) -> tuple[ClassPlan, ...]:
     """The plan of a call on q (B, heads, H, W, D): tiles sized for the dtype the kernel computes in."""
-    half = compute_dtype(q.dtype, q.device) in (torch.float16, torch.bfloat16)
+    half = q.dtype in (torch.float16, torch.bfloat16)
     return plan_call(int(q.shape[2]), int(q.shape[3]), tuple(kernel_size), tuple(dilation), tuple(tile), half)
 
 
@@ -277,7 +262,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor
     batch, heads, height, width, dim = q.shape
     out = q.new_empty(batch, height, width, heads, dim).permute(0, 3, 1, 2, 4)
     kept = []
-    dtype = compute_dtype(q.dtype, q.device)
+    dtype = q.dtype
     for part in plan_for(q, kernel_size, dilation, tile):
         rows, cols, plan_h, plan_w = part.rows, part.cols, part.plan_h, part.plan_w
         q_tiles, k_halo, v_halo = _cut(part, q, k, v, scale, dtype)
@@ -300,7 +285,7 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     grad_q, grad_k, grad_v = grads.unbind(0)
     grad_rpb = None
     kept = iter(kept)
-    dtype = compute_dtype(q.dtype, q.device)
+    dtype = q.dtype
     for part in plan_for(q, kernel_size, dilation, tile):
         rows, cols, plan_h, plan_w = part.rows, part.cols, part.plan_h, part.plan_w
         q_tiles, k_halo, v_halo = _cut(part, q, k, v, scale, dtype)
@@ -318,4 +303,4 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     return grads, grad_rpb
 
 
-__all__ = ["forward", "backward", "compute_dtype", "plan_for"]
+__all__ = ["forward", "backward", "plan_for"]

@@ -55,8 +55,7 @@ def _na2d_fake(q, k, v, rpb, kernel_size, dilation, scale, tile, keep_probabilit
             if part.keeps_probabilities:
                 ph, pw = part.plan_h, part.plan_w
                 kept.append(q.new_empty(batch, heads, part.rows.n_groups, part.cols.n_groups, ph.n_tiles,
-                                        pw.n_tiles, ph.tile * pw.tile, ph.halo * pw.halo,
-                                        dtype=tiled.compute_dtype(q.dtype, q.device)))
+                                        pw.n_tiles, ph.tile * pw.tile, ph.halo * pw.halo))
     return out, kept
 
 
