@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import torch
 
-from . import flex_backend
+from . import flex_backend, plan
 
 logger = logging.getLogger("dinat.ops")
 
@@ -118,7 +118,7 @@ def choose_traced(requested: str | None, q: torch.Tensor, has_rpb: bool) -> str:
     Exporting always writes the torch backend out in plain ops. NATTEN's kernels are not traced."""
     if requested not in (None, "auto"):
         return validate_backend_name(requested)
-    if q.device.type == "cuda" and not torch.compiler.is_exporting() and flex_backend.can_run(q, has_rpb, True) is None:
+    if q.device.type == "cuda" and not plan.is_exporting() and flex_backend.can_run(q, has_rpb, True) is None:
         return "flex"
     return "torch"
 

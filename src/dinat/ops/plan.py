@@ -21,6 +21,16 @@ import torch
 Pair = tuple[int, int]
 
 
+def is_exporting() -> bool:
+    """Whether torch.export (or ONNX export through it) is tracing, as opposed to torch.compile.
+
+    Reads torch's flag itself: some torch releases constant-fold `torch.compiler.is_exporting()` to True inside
+    every dynamo trace, torch.compile included, which would put the export-only decomposition into compiled graphs.
+    """
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def window_start(query, length, kernel_size: int):
     """First key of the window of `query` on an (undilated) axis of `length`: clamp(query - K//2, 0, L - K).
 
@@ -236,5 +246,5 @@ def plan_call(height: int, width: int, kernel_size: Pair, dilation: Pair, tile: 
         for rows in group_classes(height, dilation[0]) for cols in group_classes(width, dilation[1]))
 
 
-__all__ = ["window_start", "window_indices", "check_can_run", "GroupClass", "group_classes", "AxisPlan",
+__all__ = ["is_exporting", "window_start", "window_indices", "check_can_run", "GroupClass", "group_classes", "AxisPlan",
            "plan_axis", "tile_fits", "halo_positions", "bias_index", "tile_bias", "ClassPlan", "plan_call", "tile_pair"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import tiled, traced
-from .plan import tile_pair
+from .plan import is_exporting, tile_pair
 
 Pair = tuple[int, int]
 
@@ -107,7 +107,7 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, d
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tile = tile_pair(tile)
-    if torch.compiler.is_exporting():
+    if is_exporting():
         return traced.na2d(q, k, v, tuple(kernel_size), tuple(dilation), rpb=rpb, scale=scale, tile=tile)
     dtype = q.dtype if q.dtype == v.dtype else torch.promote_types(q.dtype, v.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
