@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch, torch_backend, unfused
+from . import dispatch, flex_backend, torch_backend, unfused
 from .dispatch import BACKENDS, use_backend
 from .linear import linear
 from .plan import check_can_run
@@ -74,11 +74,12 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPa
     if torch.compiler.is_compiling():
         # traced (torch.compile / export): no context variable or logging; the config's choice, else the
         # fastest backend that traces into the graph
-        name = dispatch.choose_traced(backend, q, rpb is not None)
+        name = dispatch.choose_traced(backend)
     else:
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))
         name = dispatch.choose(backend, q, rpb is not None, needs_grad, kernel_size, dilation)
-    module = torch_backend if name == "torch" else dispatch.backend(name)
+    # the modules already imported are used directly: a compiled graph cannot trace importlib
+    module = {"torch": torch_backend, "flex": flex_backend}.get(name) or dispatch.backend(name)
     return module.na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale)
 
 

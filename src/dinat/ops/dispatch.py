@@ -25,8 +25,6 @@ from collections.abc import Iterator
 
 import torch
 
-from . import flex_backend, plan
-
 logger = logging.getLogger("dinat.ops")
 
 _MODULES = {"torch": "torch_backend", "flex": "flex_backend", "natten": "natten_backend"}
@@ -112,15 +110,11 @@ def choose(requested: str | None, q: torch.Tensor, has_rpb: bool, needs_grad: bo
     return name
 
 
-def choose_traced(requested: str | None, q: torch.Tensor, has_rpb: bool) -> str:
-    """The backend for a call being traced by torch.compile: the requested one, else flex on CUDA where it can
-    run (flex attention compiles into the graph), else torch (its kernel is one custom op in the graph).
-    Exporting always writes the torch backend out in plain ops. NATTEN's kernels are not traced."""
-    if requested not in (None, "auto"):
-        return validate_backend_name(requested)
-    if q.device.type == "cuda" and not plan.is_exporting() and flex_backend.can_run(q, has_rpb, True) is None:
-        return "flex"
-    return "torch"
+def choose_traced(requested: str | None) -> str:
+    """The backend for a call being traced (torch.compile, torch.export): the requested one, else torch, whose
+    kernel enters a compiled graph as one custom op (export writes it out in plain ops). Flex attention inside
+    compiled CUDA graphs is not chosen automatically: it has not been verified there (docs/performance.md)."""
+    return "torch" if requested in (None, "auto") else validate_backend_name(requested)
 
 
 # walked in this order on CUDA. Elsewhere the tiled torch path: NATTEN >= 0.20 runs on CPU through uncompiled flex
