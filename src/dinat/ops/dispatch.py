@@ -111,9 +111,9 @@ def choose(requested: str | None, q: torch.Tensor, has_rpb: bool, needs_grad: bo
 
 
 def choose_traced(requested: str | None) -> str:
-    """The backend for a call being traced (torch.compile, torch.export): the requested one, else torch, whose
-    kernel enters a compiled graph as one custom op (export writes it out in plain ops). Flex attention inside
-    compiled CUDA graphs is not chosen automatically: it has not been verified there (docs/performance.md)."""
+    """The backend for a call being traced (torch.compile, torch.export): the requested one, else torch (one
+    custom op in a compiled CPU graph, plain ops that inductor fuses on GPUs and that exporters translate).
+    Flex attention inside compiled CUDA graphs is not chosen automatically: it is not verified there."""
     return "torch" if requested in (None, "auto") else validate_backend_name(requested)
 
 

@@ -1,9 +1,11 @@
 """The torch backend: pure PyTorch, runs every call; the reference, and the default where nothing faster applies.
 
-Eager and under torch.compile the call runs the tiled kernel (`tiled`) as one custom op, `dinat::na2d`, with
-its backward `dinat::na2d_backward` registered as its autograd formula and fake (shape-only) versions of both
-for tracing: a compiled graph calls the same kernel as eager, without graph breaks. Under torch.export (and
-ONNX export through it) the call is written out in plain ops (`traced`), which exporters can translate.
+Eager, and under torch.compile on CPU, the call runs the tiled kernel (`tiled`) as one custom op, `dinat::na2d`,
+with its backward `dinat::na2d_backward` registered as its autograd formula and fake (shape-only) versions of
+both for tracing: a compiled CPU graph calls the same kernel as eager, without graph breaks. Under torch.export
+(and ONNX export through it), and under torch.compile on other devices, the call is written out in plain ops
+(`traced`): exporters can translate them, and on GPUs inductor fuses them into kernels several times faster than
+the eager ones (docs/performance.md, GPU check).
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, d
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tile = tile_pair(tile)
-    if is_exporting():
+    if is_exporting() or (torch.compiler.is_compiling() and q.device.type != "cpu"):
         return traced.na2d(q, k, v, tuple(kernel_size), tuple(dilation), rpb=rpb, scale=scale, tile=tile)
     dtype = q.dtype if q.dtype == v.dtype else torch.promote_types(q.dtype, v.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
