@@ -23,9 +23,8 @@ Pair = tuple[int, int]
 # Tensors inside the fused path are (B, heads, gh, gw, Lh, Lw, D): dilation group (gh, gw) of a map as
 # an undilated Lh x Lw map. Tiled forms append (nTh, nTw, Th*Tw or Hh*Hw, D) after (B, heads, gh, gw).
 
-def _to_tiles(x: torch.Tensor, plan_h: AxisPlan, plan_w: AxisPlan, scale: float | None = None,
-              dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(..., Lh, Lw, D) -> contiguous (..., nTh, nTw, Th*Tw, D) in `dtype` (default x's), padding queries at the end."""
+def _to_tiles(x: torch.Tensor, plan_h: AxisPlan, plan_w: AxisPlan, scale: float | None = None) -> torch.Tensor:
+    """(..., Lh, Lw, D) -> contiguous (..., nTh, nTw, Th*Tw, D), padding queries at the end."""
     pad_h, pad_w = plan_h.padded_queries - plan_h.length, plan_w.padded_queries - plan_w.length
     if pad_h or pad_w:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
@@ -33,7 +32,7 @@ def _to_tiles(x: torch.Tensor, plan_h: AxisPlan, plan_w: AxisPlan, scale: float 
     x = x.unflatten(-3, (plan_h.n_tiles, plan_h.tile)).unflatten(-2, (plan_w.n_tiles, plan_w.tile))
     x = x.transpose(-4, -3)  # (..., nTh, nTw, Th, Tw, D)
     out = torch.empty(*lead, plan_h.n_tiles, plan_w.n_tiles, plan_h.tile, plan_w.tile, dim,
-                      dtype=dtype or x.dtype, device=x.device)
+                      dtype=x.dtype, device=x.device)
     if scale is None:
         out.copy_(x)
     else:
@@ -50,17 +49,15 @@ def _from_tiles(x: torch.Tensor, plan_h: AxisPlan, plan_w: AxisPlan) -> torch.Te
     return x[..., :plan_h.length, :plan_w.length, :]
 
 
-def _to_halos(x: torch.Tensor, plan_h: AxisPlan, plan_w: AxisPlan, dtype: torch.dtype) -> torch.Tensor:
-    """(..., Lh, Lw, D) -> contiguous (..., nTh, nTw, Hh*Hw, D) in `dtype`: the keys (or values) each tile sees."""
+def _to_halos(x: torch.Tensor, plan_h: AxisPlan, plan_w: AxisPlan) -> torch.Tensor:
+    """(..., Lh, Lw, D) -> contiguous (..., nTh, nTw, Hh*Hw, D): the keys (or values) each tile sees."""
     if plan_h.n_tiles == 1 and plan_w.n_tiles == 1:
-        return x.reshape(*x.shape[:-3], 1, 1, plan_h.halo * plan_w.halo, x.shape[-1]).to(dtype)
+        return x.reshape(*x.shape[:-3], 1, 1, plan_h.halo * plan_w.halo, x.shape[-1])
     if plan_h.pad_before or plan_h.pad_after or plan_w.pad_before or plan_w.pad_after:
         x = F.pad(x, (0, 0, plan_w.pad_before, plan_w.pad_after, plan_h.pad_before, plan_h.pad_after))
     x = x.unfold(-3, plan_h.halo, plan_h.tile).unfold(-3, plan_w.halo, plan_w.tile)  # (..., nTh, nTw, D, Hh, Hw)
     x = x.permute(*range(x.dim() - 5), -5, -4, -2, -1, -3)
-    halos = torch.empty(x.shape, dtype=dtype, device=x.device)
-    halos.copy_(x)
-    return halos.flatten(-3, -2)
+    return x.reshape(*x.shape[:-3], plan_h.halo * plan_w.halo, x.shape[-1])
 
 
 def _fold_axis(grad: torch.Tensor, dim: int, plan: AxisPlan) -> torch.Tensor:
@@ -236,22 +233,18 @@ def _class_bias(rpb: torch.Tensor | None, heads: int, plan_h: AxisPlan, plan_w: 
     return bias
 
 
-def _common_dtype(q, v) -> torch.dtype:
-    return q.dtype if q.dtype == v.dtype else torch.promote_types(q.dtype, v.dtype)
-
-
 def plan_for(q: torch.Tensor, kernel_size, dilation, tile) -> tuple[ClassPlan, ...]:
-    """The plan of a call on q (B, heads, H, W, D): tiles sized for the dtype the kernel computes in."""
+    """The plan of a call on q (B, heads, H, W, D): tiles sized for its dtype."""
     half = q.dtype in (torch.float16, torch.bfloat16)
     return plan_call(int(q.shape[2]), int(q.shape[3]), tuple(kernel_size), tuple(dilation), tuple(tile), half)
 
 
-def _cut(part: ClassPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dtype: torch.dtype):
-    """One class's scaled query tiles and key and value halos, in the compute dtype."""
+def _cut(part: ClassPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """One class's scaled query tiles and key and value halos."""
     rows, cols, plan_h, plan_w = part.rows, part.cols, part.plan_h, part.plan_w
-    return (_to_tiles(_group_view(q, rows, cols), plan_h, plan_w, scale, dtype),
-            _to_halos(_group_view(k, rows, cols), plan_h, plan_w, dtype),
-            _to_halos(_group_view(v, rows, cols), plan_h, plan_w, dtype))
+    return (_to_tiles(_group_view(q, rows, cols), plan_h, plan_w, scale),
+            _to_halos(_group_view(k, rows, cols), plan_h, plan_w),
+            _to_halos(_group_view(v, rows, cols), plan_h, plan_w))
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None, kernel_size: Pair,
@@ -262,11 +255,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor
     batch, heads, height, width, dim = q.shape
     out = q.new_empty(batch, height, width, heads, dim).permute(0, 3, 1, 2, 4)
     kept = []
-    dtype = q.dtype
     for part in plan_for(q, kernel_size, dilation, tile):
         rows, cols, plan_h, plan_w = part.rows, part.cols, part.plan_h, part.plan_w
-        q_tiles, k_halo, v_halo = _cut(part, q, k, v, scale, dtype)
-        bias = _class_bias(rpb, heads, plan_h, plan_w, q.device, dtype)
+        q_tiles, k_halo, v_halo = _cut(part, q, k, v, scale)
+        bias = _class_bias(rpb, heads, plan_h, plan_w, q.device, q.dtype)
         keep = keep_probabilities and part.keeps_probabilities
         probs, out_tiles = _attend(q_tiles, k_halo, v_halo, bias[None, :, None, None], keep)
         _write_tiles(_group_view(out, rows, cols), out_tiles, plan_h, plan_w)
@@ -285,13 +277,12 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     grad_q, grad_k, grad_v = grads.unbind(0)
     grad_rpb = None
     kept = iter(kept)
-    dtype = q.dtype
     for part in plan_for(q, kernel_size, dilation, tile):
         rows, cols, plan_h, plan_w = part.rows, part.cols, part.plan_h, part.plan_w
-        q_tiles, k_halo, v_halo = _cut(part, q, k, v, scale, dtype)
-        out_tiles = _to_tiles(_group_view(out, rows, cols), plan_h, plan_w, dtype=dtype)
+        q_tiles, k_halo, v_halo = _cut(part, q, k, v, scale)
+        out_tiles = _to_tiles(_group_view(out, rows, cols), plan_h, plan_w)
         probs = next(kept, None) if part.keeps_probabilities else None
-        bias = None if probs is not None else _class_bias(rpb, heads, plan_h, plan_w, q.device, dtype)
+        bias = None if probs is not None else _class_bias(rpb, heads, plan_h, plan_w, q.device, q.dtype)
         dq, dk, dv, drpb = _attend_backward(_group_view(grad_out, rows, cols), q_tiles, k_halo, v_halo, probs,
                                             None if bias is None else bias[None, :, None, None], out_tiles,
                                             plan_h, plan_w, scale, want_rpb and rpb is not None)
