@@ -15,7 +15,7 @@ import torch
 
 from conftest import tiny_model
 from dinat import DinatConfig, ops
-from dinat.ops import dispatch, tiled, torch_backend, traced
+from dinat.ops import cpp_backend, dispatch, tiled, torch_backend, traced
 from na_tester import NACase, reference_run
 
 GPU_REASON = "no CUDA device here; GPU backends are tested on a GPU machine"
@@ -92,11 +92,12 @@ def _float32_inputs():
     return [t.float() for t in run.leaves()]
 
 
-def test_automatic_choice_on_cpu_is_torch_and_logged(caplog):
+def test_automatic_choice_without_the_cpp_kernel_is_torch_and_logged(caplog, monkeypatch):
     q, k, v, rpb = _float32_inputs()
+    monkeypatch.setattr(cpp_backend, "can_run", lambda *args: "switched off for this test")
     with caplog.at_level(logging.DEBUG, logger="dinat.ops"):
         ops.na2d(q, k, v, 7, 1, rpb=rpb)
-    assert any("backend torch" in record.getMessage() and "cpu" in record.getMessage() for record in caplog.records)
+    assert any("backend torch (cpp: switched off for this test)" in record.getMessage() for record in caplog.records)
 
 
 def test_forcing_a_backend_that_cannot_run_says_why():

@@ -1,5 +1,5 @@
-"""torch.compile keeps the eager fast paths: the fused neighborhood-attention kernel (`dinat::na2d`) and the
-oneDNN linear epilogues (`dinat::linear_epilogue`) appear in the compiled graph as custom ops, instead of the
+"""torch.compile keeps the eager fast paths: the fused neighborhood-attention kernel (`dinat::na2d_cpp`, the C++
+kernel, or `dinat::na2d`, the torch backend's tiled kernel, when that backend is chosen) and the oneDNN linear epilogues (`dinat::linear_epilogue`) appear in the compiled graph as custom ops, instead of the
 graph falling back to plain ops (slower than eager on CPU)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dinat import DinatConfig, DinatForImageClassification, ops
+from dinat.ops import cpp_backend
 
 SMALL = dict(embed_dim=16, depths=[2, 1], num_heads=[1, 2], kernel_size=3, dilations=[[1, 2], [1]], mlp_ratio=2.0,
              num_labels=3)
@@ -28,25 +29,37 @@ def _graph_ops(model, pixels) -> list[str]:
     return targets
 
 
+# the attention op a compiled CPU graph holds: the C++ kernel where it builds (test_cpp_backend requires that it
+# builds here), the torch backend's tiled kernel when that backend is asked for
+ATTENTION_OPS = [("auto", "dinat.na2d_cpp"), ("torch", "dinat.na2d")]
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused linears need oneDNN")
-def test_compiled_inference_calls_the_eager_kernels():
+@pytest.mark.parametrize("backend, attention_op", ATTENTION_OPS)
+def test_compiled_inference_calls_the_eager_kernels(backend, attention_op):
+    if backend == "auto" and cpp_backend.unavailable_reason() is not None:
+        pytest.skip(cpp_backend.unavailable_reason())
     torch.manual_seed(0)
-    model = DinatForImageClassification(DinatConfig(**SMALL)).eval()
+    model = DinatForImageClassification(DinatConfig(**SMALL, na_backend=backend)).eval()
     with torch.no_grad():
         targets = _graph_ops(model, torch.randn(1, 3, 32, 32))
     layers = sum(SMALL["depths"])
-    assert targets.count("dinat.na2d") == layers
+    assert targets.count(attention_op) == layers
+    assert not any(target.startswith("dinat.na2d") and target != attention_op for target in targets)
     # per layer: qkv, attention output (+ residual), MLP in (+ GELU), MLP out (+ residual)
     assert targets.count("dinat.linear_epilogue") == 4 * layers
 
 
-def test_compiled_training_uses_autograd_ops_for_linears():
+@pytest.mark.parametrize("backend, attention_op", ATTENTION_OPS)
+def test_compiled_training_uses_autograd_ops_for_linears(backend, attention_op):
     # the oneDNN epilogues have no autograd: with gradients the graph holds plain linears (fused by inductor)
+    if backend == "auto" and cpp_backend.unavailable_reason() is not None:
+        pytest.skip(cpp_backend.unavailable_reason())
     torch.manual_seed(0)
-    model = DinatForImageClassification(DinatConfig(**SMALL)).train()
+    model = DinatForImageClassification(DinatConfig(**SMALL, na_backend=backend)).train()
     targets = _graph_ops(model, torch.randn(1, 3, 32, 32))
     assert "dinat.linear_epilogue" not in targets
-    assert targets.count("dinat.na2d") == sum(SMALL["depths"])
+    assert targets.count(attention_op) == sum(SMALL["depths"])
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused linears need oneDNN")

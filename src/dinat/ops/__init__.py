@@ -3,7 +3,7 @@
 Layout is heads-first, as NATTEN 0.17: q, k, v are (batch, heads, height, width, head_dim); attention
 weights are (batch, heads, height, width, kernel_size ** 2); rpb is (heads, 2K - 1, 2K - 1).
 
-`na2d` runs on one of several backends ("torch", "flex", "natten"; see `dispatch`), chosen per call or
+`na2d` runs on one of several backends ("torch", "cpp", "flex", "natten"; see `dispatch`), chosen per call or
 forced with `use_backend(name)` / the `backend` argument. The unfused pair always runs in pure PyTorch (`unfused`).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch, flex_backend, torch_backend, unfused
+from . import cpp_backend, dispatch, flex_backend, torch_backend, unfused
 from .dispatch import BACKENDS, use_backend
 from .linear import linear
 from .plan import check_can_run
@@ -74,12 +74,12 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPa
     if torch.compiler.is_compiling():
         # traced (torch.compile / export): no context variable or logging; the config's choice, else the
         # fastest backend that traces into the graph
-        name = dispatch.choose_traced(backend)
+        name = dispatch.choose_traced(backend, q)
     else:
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))
         name = dispatch.choose(backend, q, rpb is not None, needs_grad, kernel_size, dilation)
     # the modules already imported are used directly: a compiled graph cannot trace importlib
-    module = {"torch": torch_backend, "flex": flex_backend}.get(name) or dispatch.backend(name)
+    module = {"torch": torch_backend, "cpp": cpp_backend, "flex": flex_backend}.get(name) or dispatch.backend(name)
     return module.na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale)
 
 

@@ -1,7 +1,9 @@
 """Which backend runs a neighborhood-attention call, and why.
 
 Backends:
-    torch   pure PyTorch (tiled dense attention per dilation group); runs everywhere, the default on CPU.
+    torch   pure PyTorch (tiled dense attention per dilation group); runs everywhere: the reference, and the
+            default where nothing faster can run.
+    cpp     a C++ CPU kernel, compiled on first use (`cpp_backend`); the default on CPU where it builds.
     flex    torch's `flex_attention` with a block-sparse neighborhood mask and the RPB as a score modification;
             compiled on CUDA, eager elsewhere (eager materializes all scores: for tests, not for speed).
     natten  NATTEN's kernels: `natten.na2d` (NATTEN >= 0.20) for layers without RPB, or NATTEN's own
@@ -25,9 +27,12 @@ from collections.abc import Iterator
 
 import torch
 
+from . import cpp_backend
+from .plan import is_exporting
+
 logger = logging.getLogger("dinat.ops")
 
-_MODULES = {"torch": "torch_backend", "flex": "flex_backend", "natten": "natten_backend"}
+_MODULES = {"torch": "torch_backend", "cpp": "cpp_backend", "flex": "flex_backend", "natten": "natten_backend"}
 BACKENDS = tuple(_MODULES)
 CHOICES = ("auto",) + BACKENDS
 
@@ -110,11 +115,16 @@ def choose(requested: str | None, q: torch.Tensor, has_rpb: bool, needs_grad: bo
     return name
 
 
-def choose_traced(requested: str | None) -> str:
-    """The backend for a call being traced (torch.compile, torch.export): the requested one, else torch (one
-    custom op in a compiled CPU graph, plain ops that inductor fuses on GPUs and that exporters translate).
-    Flex attention inside compiled CUDA graphs is not chosen automatically: it is not verified there."""
-    return "torch" if requested in (None, "auto") else validate_backend_name(requested)
+def choose_traced(requested: str | None, q: torch.Tensor) -> str:
+    """The backend for a call being traced (torch.compile, torch.export): the requested one; else on CPU under
+    torch.compile the C++ kernel where it builds (one custom op in the graph), and otherwise torch (the tiled
+    kernel as one custom op, or plain ops that inductor fuses on GPUs and that exporters translate). Flex
+    attention inside compiled CUDA graphs is not chosen automatically: it is not verified there."""
+    if requested not in (None, "auto"):
+        return validate_backend_name(requested)
+    if q.device.type == "cpu" and not is_exporting() and cpp_backend.unavailable_reason() is None:
+        return "cpp"
+    return "torch"
 
 
 # walked in this order on CUDA. Elsewhere the tiled torch path: NATTEN >= 0.20 runs on CPU through uncompiled flex
@@ -123,6 +133,9 @@ _PREFERENCE_ON_CUDA = ("natten", "flex")
 
 
 def _automatic(q: torch.Tensor, has_rpb: bool, needs_grad: bool) -> tuple[str, str]:
+    if q.device.type == "cpu":
+        reason = why_not("cpp", q, has_rpb, needs_grad)
+        return ("cpp", "the C++ kernel is the fastest on CPU") if reason is None else ("torch", f"cpp: {reason}")
     if q.device.type != "cuda":
         return "torch", f"on {q.device.type} the tiled torch path is the fastest"
     reasons = []

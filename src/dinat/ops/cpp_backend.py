@@ -1,0 +1,179 @@
+"""The cpp backend: a C++ CPU kernel (`csrc/na2d_cpu.cpp`) that reads each query's keys in place, with AVX-512
+vector code where the CPU has it; the default on CPU where it builds.
+
+It is compiled with torch's C++ extension builder the first time it is needed (about a minute; cached across
+processes in torch's extension directory) and needs a C++ compiler and ninja; without them, or with
+`DINAT_BUILD_KERNELS=0` in the environment, `can_run` says why and the torch backend runs instead.
+
+Like the torch backend's tiled kernel it is one custom op, `dinat::na2d_cpp`, with its backward registered as
+its autograd formula and fake versions of both, so compiled CPU graphs call it too. Inputs in 16-bit floats
+are computed in float32 and returned in their dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+Pair = tuple[int, int]
+
+SOURCE = Path(__file__).with_name("csrc") / "na2d_cpu.cpp"
+BUILD_SWITCH = "DINAT_BUILD_KERNELS"
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+_DTYPES = _COMPUTE_DTYPES + (torch.bfloat16, torch.float16)
+
+logger = logging.getLogger("dinat.ops")
+
+
+@functools.cache
+def _build():
+    """(the compiled extension module, None), or (None, why it could not be built); built once per process."""
+    from torch.utils import cpp_extension
+
+    source = SOURCE.read_bytes()
+    # the name changes with the source, so a cached build of an older source is never loaded
+    name = "dinat_na2d_cpu_" + hashlib.sha256(source).hexdigest()[:12]
+    logger.info("building the C++ neighborhood-attention kernel %s (once; cached by torch)", name)
+    try:
+        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"]), None
+    except Exception as error:  # no compiler, no ninja, a failed build: the torch backend runs instead
+        return None, f"the C++ kernel could not be built: {type(error).__name__}: {str(error).strip()[:300]}"
+
+
+def _extension():
+    module, reason = _build()
+    if module is None:
+        raise RuntimeError(reason)
+    return module
+
+
+@torch.compiler.assume_constant_result
+def unavailable_reason() -> str | None:
+    """None if the kernel is built (building it if needed), else why it cannot be."""
+    if os.environ.get(BUILD_SWITCH, "1") == "0":
+        return f"{BUILD_SWITCH}=0 in the environment"
+    return _build()[1]
+
+
+def can_run(q: torch.Tensor, has_rpb: bool, needs_grad: bool) -> str | None:
+    """Whether the C++ CPU kernel can run a call.
+
+    Args:
+        q: the call's queries (B, heads, H, W, D); their device and dtype decide.
+        has_rpb: whether the call adds a relative positional bias (it always can).
+        needs_grad: whether the call needs a backward (it always can).
+
+    Returns:
+        None if it can, else the reason it cannot (shown in the error when the backend was forced).
+    """
+    if q.device.type != "cpu":
+        return f"it runs on CPU only, not {q.device.type}"
+    if q.dtype not in _DTYPES:
+        return f"it runs float32, float64, bfloat16 and float16, not {q.dtype}"
+    return unavailable_reason()
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in _COMPUTE_DTYPES else torch.float32
+
+
+def _last_dim_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    t = t.to(dtype)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("dinat::na2d_cpp", mutates_args=())
+def _na2d_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None, kernel_size: list[int],
+             dilation: list[int], scale: float, keep_probabilities: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    compute = _compute_dtype(q.dtype)
+    q, k, v = (_last_dim_contiguous(t, compute) for t in (q, k, v))
+    out, probs = _extension().forward(q, k, v, rpb, *kernel_size, *dilation, scale, keep_probabilities)
+    return out, probs
+
+
+@_na2d_op.register_fake
+def _na2d_fake(q, k, v, rpb, kernel_size, dilation, scale, keep_probabilities):
+    batch, heads, height, width, dim = q.shape
+    compute = _compute_dtype(q.dtype)
+    out = q.new_empty(batch, height, width, heads, dim, dtype=compute).permute(0, 3, 1, 2, 4)
+    probs = q.new_empty((batch, heads, height, width, kernel_size[0] * kernel_size[1]) if keep_probabilities else (0,),
+                        dtype=compute)
+    return out, probs
+
+
+@torch.library.custom_op("dinat::na2d_cpp_backward", mutates_args=())
+def _na2d_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs: torch.Tensor,
+                      kernel_size: list[int], dilation: list[int], scale: float,
+                      want_rpb: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    compute = probs.dtype
+    grad_out, q, k, v = (_last_dim_contiguous(t, compute) for t in (grad_out, q, k, v))
+    return tuple(_extension().backward(grad_out, q, k, v, probs, *kernel_size, *dilation, scale, want_rpb))
+
+
+@_na2d_backward_op.register_fake
+def _na2d_backward_fake(grad_out, q, k, v, probs, kernel_size, dilation, scale, want_rpb):
+    batch, heads, height, width, dim = q.shape
+    grad_qkv = probs.new_empty(batch, height, width, 3, heads, dim).permute(3, 0, 4, 1, 2, 5)
+    rpb_shape = (heads, 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1) if want_rpb else (0,)
+    return grad_qkv, probs.new_empty(rpb_shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rpb, kernel_size, dilation, scale, _ = inputs
+    ctx.save_for_backward(q, k, v, output[1])
+    ctx.arguments = (kernel_size, dilation, scale)
+    ctx.dtypes = (q.dtype, k.dtype, v.dtype, None if rpb is None else rpb.dtype)
+
+
+def _backward(ctx, grad_out, _grad_probs):
+    q, k, v, probs = ctx.saved_tensors
+    rpb_dtype = ctx.dtypes[3]
+    want_rpb = rpb_dtype is not None and ctx.needs_input_grad[3]
+    grad_qkv, grad_rpb = _na2d_backward_op(grad_out, q, k, v, probs, *ctx.arguments, want_rpb)
+    grads = [g.to(dtype) for g, dtype in zip(grad_qkv.unbind(0), ctx.dtypes)]
+    return *grads, (grad_rpb.to(rpb_dtype) if want_rpb else None), None, None, None, None
+
+
+_na2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _window_flops(q_shape, kernel_size) -> int:
+    """Multiply-adds of one pass over every query's window (q . k, or probabilities . v), counted as 2 FLOPs."""
+    batch, heads, height, width, dim = q_shape
+    return 2 * batch * heads * height * width * kernel_size[0] * kernel_size[1] * dim
+
+
+# torch.utils.flop_counter sees only aten ops: a C++ kernel needs its count stated (the exact windows, no halos)
+@register_flop_formula(torch.ops.dinat.na2d_cpp)
+def _forward_flops(q_shape, k_shape, v_shape, rpb_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _window_flops(q_shape, kernel_size)  # scores, weighted sum of values
+
+
+@register_flop_formula(torch.ops.dinat.na2d_cpp_backward)
+def _backward_flops(grad_shape, q_shape, k_shape, v_shape, probs_shape, kernel_size, *args, out_shape=None,
+                    **kwargs) -> int:
+    return 4 * _window_flops(q_shape, kernel_size)  # probabilities' gradients, then those of q, k and v
+
+
+def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, dilation: Pair,
+         rpb: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Fused neighborhood attention: softmax(q k^T * scale + rpb) v over each query's window, on CPU.
+
+    Returns (B, heads, H, W, D) in q's dtype, as a view of a (B, H, W, heads, D) tensor, so that merging heads
+    back into channels is free.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))
+    with torch.autocast("cpu", enabled=False):
+        out, _ = _na2d_op(q, k, v, rpb, list(kernel_size), list(dilation), scale, needs_grad)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+__all__ = ["can_run", "na2d", "unavailable_reason"]

@@ -1,0 +1,771 @@
+// Fused 2-D (dilated) neighborhood attention on CPU: forward and backward, with relative positional bias.
+//
+// No halo copies and no gathered (queries x keys) tensors: a query's scores live in a small local buffer, and the
+// softmax and the weighted sum of values follow at once. q, k, v and the output may have any strides as long as
+// head_dim is contiguous, so the views of a packed qkv projection are read in place and the output is written in
+// the layout the output projection reads. The window rule (docs/semantics.md, dinat/ops/plan.py) is computed
+// once per call, per axis. Three code paths, each checked against the reference by tests/test_cpp_backend.py:
+//   - float32 forward on AVX-512 CPUs, head_dim 16/32/48/64, kernel width 3..13: 16 queries per vector
+//     (`forward_heads_lanes`);
+//   - the other float32 calls on AVX-512 CPUs with such a head_dim and at most 256 keys, and the backward:
+//     one query at a time, its keys' dot products summed 16 at a time (`forward_rows_avx512`,
+//     `backward_heads_avx512`);
+//   - everything else (float64, other head_dims, CPUs without AVX-512): plain loops.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+// keys[i * K + t]: position of the t-th key in the window of query i; rel[i * K + t]: its RPB index
+struct AxisWindows {
+  std::vector<int64_t> keys, rel;
+  int64_t dilation;
+  AxisWindows(int64_t length, int64_t kernel, int64_t dilation)
+      : keys(length * kernel), rel(length * kernel), dilation(dilation) {
+    for (int64_t i = 0; i < length; ++i) {
+      const int64_t group = i % dilation, pos = i / dilation;
+      const int64_t group_length = (length - group + dilation - 1) / dilation;
+      const int64_t start = std::min(std::max(pos - kernel / 2, int64_t(0)), group_length - kernel);
+      for (int64_t t = 0; t < kernel; ++t) {
+        keys[i * kernel + t] = group + dilation * (start + t);
+        rel[i * kernel + t] = start + t - pos + kernel - 1;
+      }
+    }
+  }
+};
+
+struct View5 {  // a (batch, heads, height, width, head_dim) tensor with a contiguous last dimension
+  int64_t s0, s1, s2, s3;
+  explicit View5(const torch::Tensor& t) : s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)), s3(t.stride(3)) {}
+};
+
+template <typename T>
+inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t e = 0; e < n; ++e) sum += a[e] * b[e];
+  return sum;
+}
+
+template <typename T>
+inline void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) y[e] += alpha * x[e];
+}
+
+// ---- float32 on AVX-512, head_dim a multiple of 16 (at most 64): vector dot products, exp and sums ----------
+
+constexpr int64_t kMaxWindow = 256;  // kernel_h * kernel_w of the fast path, rounded up to 16 lanes
+
+#define DINAT_AVX512 __attribute__((target("avx512f")))
+
+DINAT_AVX512 inline __m512 add_halves(__m512 x, __m512 y) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(1, 0, 1, 0)),
+                       _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+DINAT_AVX512 inline __m512 add_quarters(__m512 x, __m512 y) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+DINAT_AVX512 inline __m512 add_pairs(__m512 x, __m512 y) {
+  return _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+}
+
+// Sums each of 16 vectors into one lane: lane t holds the sum of the vector in slot kSlot[t].
+constexpr int kSlot[16] = {0, 8, 4, 12, 1, 9, 5, 13, 2, 10, 6, 14, 3, 11, 7, 15};
+DINAT_AVX512 inline __m512 sum_each(const __m512* v) {
+  __m512 a[8], b[4];
+  for (int i = 0; i < 8; ++i) a[i] = add_halves(v[2 * i], v[2 * i + 1]);
+  for (int i = 0; i < 4; ++i) b[i] = add_quarters(a[2 * i], a[2 * i + 1]);
+  return add_pairs(add_pairs(b[0], b[1]), add_pairs(b[2], b[3]));
+}
+
+// exp for x <= 0 (scores minus their maximum): Cephes' polynomial, about 1 ulp; exactly 0 below -87, so that
+// no denormal numbers (slow on most CPUs) reach the softmax
+DINAT_AVX512 inline __m512 exp_nonpositive(__m512 x) {
+  const __mmask16 representable = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_scalef_ps(representable, p, n);
+}
+
+// out[n] = x . rows[n] for n < count (count <= kMaxWindow), lanes up to the next multiple of 16 zero; x is
+// `Chunks` vectors, already loaded
+template <int Chunks>
+DINAT_AVX512 inline __m512 dot_lanes(const __m512* x, const float* row) {
+  __m512 sum = _mm512_mul_ps(x[0], _mm512_loadu_ps(row));
+  for (int c = 1; c < Chunks; ++c) sum = _mm512_fmadd_ps(x[c], _mm512_loadu_ps(row + 16 * c), sum);
+  return sum;
+}
+
+template <int Chunks>
+DINAT_AVX512 inline void dots(const __m512* x, const float* const* rows, int64_t count, float* out) {
+  __m512 part[16];
+  int64_t g = 0;
+  for (; g + 16 <= count; g += 16) {
+    for (int t = 0; t < 16; ++t) part[kSlot[t]] = dot_lanes<Chunks>(x, rows[g + t]);
+    _mm512_storeu_ps(out + g, sum_each(part));
+  }
+  if (g < count) {
+    for (int t = 0; t < 16; ++t) part[t] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < count - g; ++t) part[kSlot[t]] = dot_lanes<Chunks>(x, rows[g + t]);
+    _mm512_storeu_ps(out + g, sum_each(part));
+  }
+}
+
+// acc += sum_n weights[n] * rows[n], with four partial sums to hide the FMA latency
+template <int Chunks>
+DINAT_AVX512 inline void weighted_sum(const float* weights, const float* const* rows, int64_t count, __m512* acc) {
+  __m512 part[4][Chunks];
+  for (int u = 0; u < 4; ++u)
+    for (int c = 0; c < Chunks; ++c) part[u][c] = _mm512_setzero_ps();
+  int64_t n = 0;
+  for (; n + 4 <= count; n += 4)
+    for (int u = 0; u < 4; ++u) {
+      const __m512 w = _mm512_set1_ps(weights[n + u]);
+      for (int c = 0; c < Chunks; ++c) part[u][c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(rows[n + u] + 16 * c), part[u][c]);
+    }
+  for (; n < count; ++n) {
+    const __m512 w = _mm512_set1_ps(weights[n]);
+    for (int c = 0; c < Chunks; ++c) part[0][c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(rows[n] + 16 * c), part[0][c]);
+  }
+  for (int c = 0; c < Chunks; ++c)
+    acc[c] = _mm512_add_ps(_mm512_add_ps(part[0][c], part[1][c]), _mm512_add_ps(part[2][c], part[3][c]));
+}
+
+template <int Chunks>
+DINAT_AVX512 inline void load(const float* p, __m512* x, float scale = 1.0f) {
+  for (int c = 0; c < Chunks; ++c) x[c] = _mm512_mul_ps(_mm512_loadu_ps(p + 16 * c), _mm512_set1_ps(scale));
+}
+
+struct Geometry {
+  int64_t batch, heads, height, width, dim, kernel_h, kernel_w, window, rpb_w, rpb_hw;
+  Geometry(const torch::Tensor& q, int64_t kh, int64_t kw)
+      : batch(q.size(0)), heads(q.size(1)), height(q.size(2)), width(q.size(3)), dim(q.size(4)), kernel_h(kh),
+        kernel_w(kw), window(kh * kw), rpb_w(2 * kw - 1), rpb_hw((2 * kh - 1) * (2 * kw - 1)) {}
+};
+
+// the keys (and values) of one query's window, in row-major order, and their biases
+struct QueryWindow {
+  alignas(64) const float* keys[kMaxWindow];
+  alignas(64) const float* values[kMaxWindow];
+  alignas(64) float bias[kMaxWindow];
+};
+
+template <int Chunks>
+DINAT_AVX512 void forward_rows_avx512(const Geometry& g, const AxisWindows& rows, const AxisWindows& cols,
+                                      const float* qp, const View5& qs, const float* kp, const View5& ks,
+                                      const float* vp, const View5& vs, const float* bp, float* op, const View5& os,
+                                      float* pp, float scale, int64_t begin, int64_t end) {
+  QueryWindow w;
+  alignas(64) float scores[kMaxWindow];
+  const int64_t padded = (g.window + 15) / 16 * 16;
+  std::fill_n(w.bias, g.window, 0.0f);
+  for (int64_t n = g.window; n < padded; ++n) w.bias[n] = -std::numeric_limits<float>::infinity();
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / (g.heads * g.height), h = (task / g.height) % g.heads, i = task % g.height;
+    const float* key_base = kp + b * ks.s0 + h * ks.s1;
+    const float* value_base = vp + b * vs.s0 + h * vs.s1;
+    const float* bias = bp != nullptr ? bp + h * g.rpb_hw : nullptr;
+    const int64_t* row_keys = &rows.keys[i * g.kernel_h];
+    const int64_t* row_rel = &rows.rel[i * g.kernel_h];
+    for (int64_t j = 0; j < g.width; ++j) {
+      // a window's keys along a row are evenly spaced (the dilation), and their biases adjacent
+      const int64_t first_col = cols.keys[j * g.kernel_w], first_rel = cols.rel[j * g.kernel_w];
+      const int64_t key_step = cols.dilation * ks.s3, value_step = cols.dilation * vs.s3;
+      for (int64_t a = 0, n = 0; a < g.kernel_h; ++a) {
+        const float* key = key_base + row_keys[a] * ks.s2 + first_col * ks.s3;
+        const float* value = value_base + row_keys[a] * vs.s2 + first_col * vs.s3;
+        for (int64_t c = 0; c < g.kernel_w; ++c, ++n, key += key_step, value += value_step) {
+          w.keys[n] = key;
+          w.values[n] = value;
+        }
+        if (bias != nullptr) std::copy_n(bias + row_rel[a] * g.rpb_w + first_rel, g.kernel_w, w.bias + a * g.kernel_w);
+      }
+      __m512 query[Chunks];
+      load<Chunks>(qp + b * qs.s0 + h * qs.s1 + i * qs.s2 + j * qs.s3, query, scale);
+      dots<Chunks>(query, w.keys, g.window, scores);
+      __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int64_t n = 0; n < padded; n += 16) {
+        const __m512 s = _mm512_add_ps(_mm512_load_ps(scores + n), _mm512_load_ps(w.bias + n));
+        _mm512_store_ps(scores + n, s);
+        top = _mm512_max_ps(top, s);
+      }
+      const __m512 maximum = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t n = 0; n < padded; n += 16) {
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(scores + n), maximum));
+        _mm512_store_ps(scores + n, e);
+        total = _mm512_add_ps(total, e);
+      }
+      const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+      for (int64_t n = 0; n < padded; n += 16)
+        _mm512_store_ps(scores + n, _mm512_mul_ps(_mm512_load_ps(scores + n), inverse));
+      __m512 acc[Chunks];
+      weighted_sum<Chunks>(scores, w.values, g.window, acc);
+      float* out = op + b * os.s0 + h * os.s1 + i * os.s2 + j * os.s3;
+      for (int c = 0; c < Chunks; ++c) _mm512_storeu_ps(out + 16 * c, acc[c]);
+      if (pp != nullptr) std::copy(scores, scores + g.window, pp + (task * g.width + j) * g.window);
+    }
+  }
+}
+
+template <int Chunks>
+DINAT_AVX512 void backward_heads_avx512(const Geometry& g, const AxisWindows& rows, const AxisWindows& cols,
+                                        const float* gp, const View5& gs, const float* qp, const View5& qs,
+                                        const float* kp, const View5& ks, const float* vp, const View5& vs,
+                                        const float* pp, float* dqp, const View5& dqs, float* dkp, const View5& dks,
+                                        float* dvp, const View5& dvs, float* grad_rpb, float scale, int64_t begin,
+                                        int64_t end) {
+  QueryWindow w;
+  alignas(64) float grad_scores[kMaxWindow];
+  alignas(64) float probs[kMaxWindow];
+  float* grad_keys[kMaxWindow];
+  float* grad_values[kMaxWindow];
+  const int64_t padded = (g.window + 15) / 16 * 16;
+  std::fill_n(probs, padded, 0.0f);
+  // a window row's RPB gradients are kernel_w adjacent floats: one masked vector add
+  const __mmask16 bias_lanes = static_cast<__mmask16>((1u << g.kernel_w) - 1);
+  const bool vector_bias = g.kernel_w <= 16;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / g.heads, h = task % g.heads;
+    const float* key_base = kp + b * ks.s0 + h * ks.s1;
+    const float* value_base = vp + b * vs.s0 + h * vs.s1;
+    float* grad_key_base = dkp + b * dks.s0 + h * dks.s1;
+    float* grad_value_base = dvp + b * dvs.s0 + h * dvs.s1;
+    float* bias_grad = grad_rpb != nullptr ? grad_rpb + task * g.rpb_hw : nullptr;
+    for (int64_t i = 0; i < g.height; ++i) {
+      const int64_t* row_keys = &rows.keys[i * g.kernel_h];
+      const int64_t* row_rel = &rows.rel[i * g.kernel_h];
+      for (int64_t j = 0; j < g.width; ++j) {
+        const int64_t first_col = cols.keys[j * g.kernel_w], first_rel = cols.rel[j * g.kernel_w];
+        for (int64_t a = 0, n = 0; a < g.kernel_h; ++a) {
+          const float* key = key_base + row_keys[a] * ks.s2 + first_col * ks.s3;
+          const float* value = value_base + row_keys[a] * vs.s2 + first_col * vs.s3;
+          float* grad_key = grad_key_base + row_keys[a] * dks.s2 + first_col * dks.s3;
+          float* grad_value = grad_value_base + row_keys[a] * dvs.s2 + first_col * dvs.s3;
+          for (int64_t c = 0; c < g.kernel_w; ++c, ++n) {
+            w.keys[n] = key + c * cols.dilation * ks.s3;
+            w.values[n] = value + c * cols.dilation * vs.s3;
+            grad_keys[n] = grad_key + c * cols.dilation * dks.s3;
+            grad_values[n] = grad_value + c * cols.dilation * dvs.s3;
+          }
+        }
+        const float* go = gp + b * gs.s0 + h * gs.s1 + i * gs.s2 + j * gs.s3;
+        const float* query = qp + b * qs.s0 + h * qs.s1 + i * qs.s2 + j * qs.s3;
+        std::copy_n(pp + ((task * g.height + i) * g.width + j) * g.window, g.window, probs);
+        __m512 grad_out[Chunks], scaled_query[Chunks];
+        load<Chunks>(go, grad_out);
+        load<Chunks>(query, scaled_query, scale);
+        dots<Chunks>(grad_out, w.values, g.window, grad_scores);  // grad_p = grad_out . v
+        // softmax backward, 16 scores at a time: grad_score = p * (grad_p - sum(p * grad_p))
+        __m512 weighted = _mm512_setzero_ps();
+        for (int64_t n = 0; n < padded; n += 16)
+          weighted = _mm512_fmadd_ps(_mm512_load_ps(probs + n), _mm512_load_ps(grad_scores + n), weighted);
+        const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(weighted));
+        for (int64_t n = 0; n < padded; n += 16)
+          _mm512_store_ps(grad_scores + n, _mm512_mul_ps(_mm512_load_ps(probs + n),
+                                                         _mm512_sub_ps(_mm512_load_ps(grad_scores + n), total)));
+        if (bias_grad != nullptr) {
+          for (int64_t a = 0; a < g.kernel_h; ++a) {
+            float* bias_row = bias_grad + row_rel[a] * g.rpb_w + first_rel;
+            const float* row_scores = grad_scores + a * g.kernel_w;
+            if (vector_bias) {
+              _mm512_mask_storeu_ps(bias_row, bias_lanes,
+                                    _mm512_add_ps(_mm512_maskz_loadu_ps(bias_lanes, bias_row),
+                                                  _mm512_maskz_loadu_ps(bias_lanes, row_scores)));
+            } else {
+              for (int64_t c = 0; c < g.kernel_w; ++c) bias_row[c] += row_scores[c];
+            }
+          }
+        }
+        __m512 grad_query[2][Chunks];
+        for (int c = 0; c < Chunks; ++c) grad_query[0][c] = grad_query[1][c] = _mm512_setzero_ps();
+        for (int64_t n = 0; n < g.window; ++n) {
+          const __m512 grad_score = _mm512_set1_ps(grad_scores[n]), prob = _mm512_set1_ps(probs[n]);
+          for (int c = 0; c < Chunks; ++c) {
+            grad_query[n & 1][c] = _mm512_fmadd_ps(grad_score, _mm512_loadu_ps(w.keys[n] + 16 * c), grad_query[n & 1][c]);
+            float* dk = grad_keys[n] + 16 * c;
+            _mm512_storeu_ps(dk, _mm512_fmadd_ps(grad_score, scaled_query[c], _mm512_loadu_ps(dk)));
+            float* dv = grad_values[n] + 16 * c;
+            _mm512_storeu_ps(dv, _mm512_fmadd_ps(prob, grad_out[c], _mm512_loadu_ps(dv)));
+          }
+        }
+        float* dq = dqp + b * dqs.s0 + h * dqs.s1 + i * dqs.s2 + j * dqs.s3;
+        for (int c = 0; c < Chunks; ++c)
+          _mm512_storeu_ps(dq + 16 * c, _mm512_mul_ps(_mm512_add_ps(grad_query[0][c], grad_query[1][c]),
+                                                     _mm512_set1_ps(scale)));
+      }
+    }
+  }
+}
+
+template <typename Fn>
+bool with_chunks(int64_t dim, Fn&& fn) {
+  switch (dim) {
+    case 16: fn(std::integral_constant<int, 1>()); return true;
+    case 32: fn(std::integral_constant<int, 2>()); return true;
+    case 48: fn(std::integral_constant<int, 3>()); return true;
+    case 64: fn(std::integral_constant<int, 4>()); return true;
+    default: return false;
+  }
+}
+
+bool fast_path(const torch::Tensor& q, int64_t window) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  const int64_t dim = q.size(4);
+  return avx512 && q.scalar_type() == torch::kFloat && window <= kMaxWindow && dim % 16 == 0 && dim <= 64;
+}
+
+// ---- float32 forward on AVX-512 with 16 queries per vector ------------------------------------------------
+// Lanes are up to 16 queries of one row. Per (batch, head), keys and values are copied once into a transposed
+// layout, [row][channel][column] with the columns of each dilation group side by side, so that for one channel
+// the keys of the lanes' windows lie within 32 adjacent floats: two loads and a permute give the key of window
+// column c of every lane (or a single load where the lanes' windows are consecutive), and scores, softmax and
+// the weighted sum of values are vectors over the lanes, without horizontal sums.
+
+struct LaneTile {
+  int64_t count;                      // lanes in use
+  int64_t base;                       // transposed column of the first lane's first key
+  bool consecutive;                   // lane l's window starts at base + l
+  alignas(64) int32_t start[16];      // each lane's window start, relative to base
+  alignas(64) int32_t rel[16];        // each lane's RPB column of its window's first key
+  int64_t column[16];                 // each lane's query column in the map
+};
+
+// the lanes of a row: each group's queries in order, groups side by side, cut where 16 lanes are full or the
+// next lane's window would not fit in the 32 floats (+ kernel_w - 1) that one permute reads
+std::vector<LaneTile> lane_tiles(int64_t width, int64_t kernel_w, int64_t dilation, std::vector<int64_t>& position) {
+  std::vector<LaneTile> tiles;
+  position.assign(width, 0);
+  int64_t group_start = 0;
+  LaneTile tile{};
+  auto flush = [&] {
+    if (tile.count > 0) tiles.push_back(tile);
+    tile = LaneTile{};
+  };
+  for (int64_t group = 0; group < dilation; ++group) {
+    const int64_t length = (width - group + dilation - 1) / dilation;
+    for (int64_t p = 0; p < length; ++p) {
+      const int64_t start = std::min(std::max(p - kernel_w / 2, int64_t(0)), length - kernel_w);
+      const int64_t window_start = group_start + start;
+      if (tile.count == 16 || (tile.count > 0 && window_start - tile.base + kernel_w - 1 >= 32)) flush();
+      if (tile.count == 0) {
+        tile.base = window_start;
+        tile.consecutive = true;
+      }
+      const int64_t lane = tile.count++;
+      tile.start[lane] = static_cast<int32_t>(window_start - tile.base);
+      tile.consecutive = tile.consecutive && tile.start[lane] == lane;
+      tile.rel[lane] = static_cast<int32_t>(start - p + kernel_w - 1);
+      tile.column[lane] = group + p * dilation;
+      position[group + p * dilation] = group_start + p;
+    }
+    group_start += length;
+  }
+  flush();
+  for (auto& t : tiles)
+    for (int64_t lane = t.count; lane < 16; ++lane) {  // unused lanes repeat the last one
+      t.start[lane] = t.start[t.count - 1];
+      t.rel[lane] = t.rel[t.count - 1];
+      t.column[lane] = t.column[t.count - 1];
+    }
+  return tiles;
+}
+
+template <int KernelW, bool Consecutive>
+DINAT_AVX512 inline void window_row_scores(const float* query_t, const float* keys, int64_t stride, int64_t dim,
+                                           const __m512i* index, __m512* acc) {
+  for (int c = 0; c < KernelW; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < dim; ++e, keys += stride) {
+    const __m512 q = _mm512_load_ps(query_t + 16 * e);
+    if (Consecutive) {
+      for (int c = 0; c < KernelW; ++c) acc[c] = _mm512_fmadd_ps(q, _mm512_loadu_ps(keys + c), acc[c]);
+    } else {
+      const __m512 lo = _mm512_loadu_ps(keys), hi = _mm512_loadu_ps(keys + 16);
+      for (int c = 0; c < KernelW; ++c)
+        acc[c] = _mm512_fmadd_ps(q, _mm512_permutex2var_ps(lo, index[c], hi), acc[c]);
+    }
+  }
+}
+
+// out_t[e] += sum_c probs[c] * (values of channel e, window column c) for four channels at once
+template <int KernelW, bool Consecutive>
+DINAT_AVX512 inline void window_row_values(const float* probs, const float* values, int64_t stride,
+                                           const __m512i* index, __m512* acc) {
+  for (int u = 0; u < 4; ++u, values += stride) {
+    if (Consecutive) {
+      for (int c = 0; c < KernelW; ++c)
+        acc[u] = _mm512_fmadd_ps(_mm512_load_ps(probs + 16 * c), _mm512_loadu_ps(values + c), acc[u]);
+    } else {
+      const __m512 lo = _mm512_loadu_ps(values), hi = _mm512_loadu_ps(values + 16);
+      for (int c = 0; c < KernelW; ++c)
+        acc[u] = _mm512_fmadd_ps(_mm512_load_ps(probs + 16 * c), _mm512_permutex2var_ps(lo, index[c], hi), acc[u]);
+    }
+  }
+}
+
+template <int KernelW, bool Consecutive>
+DINAT_AVX512 void forward_tile(const Geometry& g, const LaneTile& tile, const int64_t* row_keys, const int64_t* row_rel,
+                               const float* keys_t, const float* values_t, int64_t padded_width, const float* bias,
+                               const float* query_t, float* scores, float* out_t) {
+  __m512i index[KernelW], rel_index[KernelW];
+  const __m512i start = _mm512_load_si512(tile.start), rel = _mm512_load_si512(tile.rel);
+  for (int c = 0; c < KernelW; ++c) {
+    index[c] = _mm512_add_epi32(start, _mm512_set1_epi32(c));
+    rel_index[c] = _mm512_add_epi32(rel, _mm512_set1_epi32(c));
+  }
+  const int64_t channel_stride = padded_width, row_stride = g.dim * padded_width;
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t a = 0; a < g.kernel_h; ++a) {
+    __m512 acc[KernelW];
+    window_row_scores<KernelW, Consecutive>(query_t, keys_t + row_keys[a] * row_stride + tile.base, channel_stride,
+                                            g.dim, index, acc);
+    if (bias != nullptr) {  // the RPB row, padded to 32 floats
+      const float* bias_row = bias + row_rel[a] * 32;
+      const __m512 lo = _mm512_loadu_ps(bias_row), hi = _mm512_loadu_ps(bias_row + 16);
+      for (int c = 0; c < KernelW; ++c) acc[c] = _mm512_add_ps(acc[c], _mm512_permutex2var_ps(lo, rel_index[c], hi));
+    }
+    for (int c = 0; c < KernelW; ++c) {
+      _mm512_store_ps(scores + 16 * (a * KernelW + c), acc[c]);
+      top = _mm512_max_ps(top, acc[c]);
+    }
+  }
+  __m512 total = _mm512_setzero_ps();
+  const int64_t window = g.kernel_h * KernelW;
+  for (int64_t n = 0; n < window; ++n) {
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(scores + 16 * n), top));
+    _mm512_store_ps(scores + 16 * n, e);
+    total = _mm512_add_ps(total, e);
+  }
+  const __m512 inverse = _mm512_div_ps(_mm512_set1_ps(1.0f), total);
+  for (int64_t n = 0; n < window; ++n)
+    _mm512_store_ps(scores + 16 * n, _mm512_mul_ps(_mm512_load_ps(scores + 16 * n), inverse));
+  for (int64_t e = 0; e < g.dim; e += 4) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t a = 0; a < g.kernel_h; ++a)
+      window_row_values<KernelW, Consecutive>(scores + 16 * a * KernelW,
+                                              values_t + row_keys[a] * row_stride + e * channel_stride + tile.base,
+                                              channel_stride, index, acc);
+    for (int u = 0; u < 4; ++u) _mm512_store_ps(out_t + 16 * (e + u), acc[u]);
+  }
+}
+
+template <int KernelW>
+DINAT_AVX512 void forward_heads_lanes(const Geometry& g, const AxisWindows& rows, const std::vector<LaneTile>& tiles,
+                                      const std::vector<int64_t>& position, const float* qp, const View5& qs,
+                                      const float* kp, const View5& ks, const float* vp, const View5& vs,
+                                      const float* bp, float* op, const View5& os, float* pp, float scale,
+                                      int64_t begin, int64_t end) {
+  const int64_t padded_width = g.width + 32;  // the permute's 32-float reads stay inside a row
+  std::vector<float> keys_t(g.height * g.dim * padded_width, 0.0f), values_t(keys_t.size(), 0.0f);
+  std::vector<float> bias(bp != nullptr ? (2 * g.kernel_h - 1) * 32 : 0, 0.0f);
+  alignas(64) float query_t[64 * 16];
+  alignas(64) float out_t[64 * 16];
+  std::vector<float> scores_storage(kMaxWindow * 16 + 16);
+  float* scores = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scores_storage.data()) + 63) & ~uintptr_t(63));
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / g.heads, h = task % g.heads;
+    for (int64_t r = 0; r < g.height; ++r)
+      for (int64_t x = 0; x < g.width; ++x) {
+        const float* key = kp + b * ks.s0 + h * ks.s1 + r * ks.s2 + x * ks.s3;
+        const float* value = vp + b * vs.s0 + h * vs.s1 + r * vs.s2 + x * vs.s3;
+        float* key_t = keys_t.data() + r * g.dim * padded_width + position[x];
+        float* value_t = values_t.data() + r * g.dim * padded_width + position[x];
+        for (int64_t e = 0; e < g.dim; ++e) {
+          key_t[e * padded_width] = key[e];
+          value_t[e * padded_width] = value[e];
+        }
+      }
+    if (bp != nullptr)
+      for (int64_t row = 0; row < 2 * g.kernel_h - 1; ++row)
+        std::copy_n(bp + h * g.rpb_hw + row * g.rpb_w, g.rpb_w, bias.data() + row * 32);
+    for (int64_t i = 0; i < g.height; ++i) {
+      const int64_t* row_keys = &rows.keys[i * g.kernel_h];
+      const int64_t* row_rel = &rows.rel[i * g.kernel_h];
+      for (const LaneTile& tile : tiles) {
+        for (int64_t lane = 0; lane < 16; ++lane) {
+          const float* query = qp + b * qs.s0 + h * qs.s1 + i * qs.s2 + tile.column[lane] * qs.s3;
+          for (int64_t e = 0; e < g.dim; ++e) query_t[16 * e + lane] = query[e] * scale;
+        }
+        const float* bias_h = bp != nullptr ? bias.data() : nullptr;
+        if (tile.consecutive)
+          forward_tile<KernelW, true>(g, tile, row_keys, row_rel, keys_t.data(), values_t.data(), padded_width, bias_h,
+                                      query_t, scores, out_t);
+        else
+          forward_tile<KernelW, false>(g, tile, row_keys, row_rel, keys_t.data(), values_t.data(), padded_width,
+                                       bias_h, query_t, scores, out_t);
+        for (int64_t lane = 0; lane < tile.count; ++lane) {
+          float* out = op + b * os.s0 + h * os.s1 + i * os.s2 + tile.column[lane] * os.s3;
+          for (int64_t e = 0; e < g.dim; ++e) out[e] = out_t[16 * e + lane];
+          if (pp != nullptr) {
+            float* probs = pp + (((b * g.heads + h) * g.height + i) * g.width + tile.column[lane]) * g.window;
+            for (int64_t n = 0; n < g.window; ++n) probs[n] = scores[16 * n + lane];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename Fn>
+bool with_kernel_width(int64_t kernel_w, Fn&& fn) {
+  switch (kernel_w) {
+    case 3: fn(std::integral_constant<int, 3>()); return true;
+    case 5: fn(std::integral_constant<int, 5>()); return true;
+    case 7: fn(std::integral_constant<int, 7>()); return true;
+    case 9: fn(std::integral_constant<int, 9>()); return true;
+    case 11: fn(std::integral_constant<int, 11>()); return true;
+    case 13: fn(std::integral_constant<int, 13>()); return true;
+    default: return false;
+  }
+}
+
+// ---- any floating dtype, any head_dim: plain loops -------------------------------------------------------
+
+template <typename T>
+void forward_kernel(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                    const c10::optional<torch::Tensor>& rpb, torch::Tensor& out, torch::Tensor* probs,
+                    int64_t kernel_h, int64_t kernel_w, int64_t dil_h, int64_t dil_w, double scale_d) {
+  const int64_t batch = q.size(0), heads = q.size(1), height = q.size(2), width = q.size(3), dim = q.size(4);
+  const int64_t window = kernel_h * kernel_w, rpb_w = 2 * kernel_w - 1, rpb_hw = (2 * kernel_h - 1) * rpb_w;
+  const AxisWindows rows(height, kernel_h, dil_h), cols(width, kernel_w, dil_w);
+  const View5 qs(q), ks(k), vs(v), os(out);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const T* bp = rpb.has_value() ? rpb->data_ptr<T>() : nullptr;
+  T* op = out.data_ptr<T>();
+  T* pp = probs != nullptr ? probs->data_ptr<T>() : nullptr;
+  const T scale = static_cast<T>(scale_d);
+
+  at::parallel_for(0, batch * heads * height, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scores(window), acc(dim);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (heads * height), h = (task / height) % heads, i = task % height;
+      const T* key_base = kp + b * ks.s0 + h * ks.s1;
+      const T* value_base = vp + b * vs.s0 + h * vs.s1;
+      const T* bias = bp != nullptr ? bp + h * rpb_hw : nullptr;
+      const int64_t* row_keys = &rows.keys[i * kernel_h];
+      const int64_t* row_rel = &rows.rel[i * kernel_h];
+      for (int64_t j = 0; j < width; ++j) {
+        const T* query = qp + b * qs.s0 + h * qs.s1 + i * qs.s2 + j * qs.s3;
+        const int64_t* col_keys = &cols.keys[j * kernel_w];
+        const int64_t* col_rel = &cols.rel[j * kernel_w];
+        T max_score = -std::numeric_limits<T>::infinity();
+        for (int64_t a = 0; a < kernel_h; ++a) {
+          const T* key_row = key_base + row_keys[a] * ks.s2;
+          const T* bias_row = bias != nullptr ? bias + row_rel[a] * rpb_w : nullptr;
+          for (int64_t c = 0; c < kernel_w; ++c) {
+            T s = dot(query, key_row + col_keys[c] * ks.s3, dim) * scale;
+            if (bias_row != nullptr) s += bias_row[col_rel[c]];
+            scores[a * kernel_w + c] = s;
+            max_score = std::max(max_score, s);
+          }
+        }
+        T total = 0;
+        for (int64_t n = 0; n < window; ++n) {
+          scores[n] = std::exp(scores[n] - max_score);
+          total += scores[n];
+        }
+        const T inverse = T(1) / total;
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t a = 0; a < kernel_h; ++a) {
+          const T* value_row = value_base + row_keys[a] * vs.s2;
+          for (int64_t c = 0; c < kernel_w; ++c) {
+            const int64_t n = a * kernel_w + c;
+            scores[n] *= inverse;
+            axpy(scores[n], value_row + col_keys[c] * vs.s3, acc.data(), dim);
+          }
+        }
+        std::copy(acc.begin(), acc.end(), op + b * os.s0 + h * os.s1 + i * os.s2 + j * os.s3);
+        if (pp != nullptr) std::copy(scores.begin(), scores.end(), pp + ((task * width) + j) * window);
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_kernel(const torch::Tensor& grad_out, const torch::Tensor& q, const torch::Tensor& k,
+                     const torch::Tensor& v, const torch::Tensor& probs, torch::Tensor& grad_q, torch::Tensor& grad_k,
+                     torch::Tensor& grad_v, T* grad_rpb, int64_t kernel_h, int64_t kernel_w, int64_t dil_h,
+                     int64_t dil_w, double scale_d) {
+  const int64_t batch = q.size(0), heads = q.size(1), height = q.size(2), width = q.size(3), dim = q.size(4);
+  const int64_t window = kernel_h * kernel_w, rpb_w = 2 * kernel_w - 1, rpb_hw = (2 * kernel_h - 1) * rpb_w;
+  const AxisWindows rows(height, kernel_h, dil_h), cols(width, kernel_w, dil_w);
+  const View5 gs(grad_out), qs(q), ks(k), vs(v), dqs(grad_q), dks(grad_k), dvs(grad_v);
+  const T* gp = grad_out.data_ptr<T>();
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const T* pp = probs.data_ptr<T>();
+  T* dqp = grad_q.data_ptr<T>();
+  T* dkp = grad_k.data_ptr<T>();
+  T* dvp = grad_v.data_ptr<T>();
+  const T scale = static_cast<T>(scale_d);
+
+  // one task per (batch, head): it alone writes that slice of grad_k, grad_v and its own grad_rpb partial sum
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> grad_scores(window), grad_query(dim);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / heads, h = task % heads;
+      const T* key_base = kp + b * ks.s0 + h * ks.s1;
+      const T* value_base = vp + b * vs.s0 + h * vs.s1;
+      T* grad_key_base = dkp + b * dks.s0 + h * dks.s1;
+      T* grad_value_base = dvp + b * dvs.s0 + h * dvs.s1;
+      T* bias_grad = grad_rpb != nullptr ? grad_rpb + task * rpb_hw : nullptr;
+      for (int64_t i = 0; i < height; ++i) {
+        const int64_t* row_keys = &rows.keys[i * kernel_h];
+        const int64_t* row_rel = &rows.rel[i * kernel_h];
+        for (int64_t j = 0; j < width; ++j) {
+          const T* go = gp + b * gs.s0 + h * gs.s1 + i * gs.s2 + j * gs.s3;
+          const T* query = qp + b * qs.s0 + h * qs.s1 + i * qs.s2 + j * qs.s3;
+          const T* p = pp + ((task * height + i) * width + j) * window;
+          const int64_t* col_keys = &cols.keys[j * kernel_w];
+          const int64_t* col_rel = &cols.rel[j * kernel_w];
+          // softmax backward: grad_score = p * (grad_p - sum(p * grad_p)), grad_p = grad_out . v
+          T weighted = 0;
+          for (int64_t a = 0; a < kernel_h; ++a) {
+            const T* value_row = value_base + row_keys[a] * vs.s2;
+            for (int64_t c = 0; c < kernel_w; ++c) {
+              const int64_t n = a * kernel_w + c;
+              grad_scores[n] = dot(go, value_row + col_keys[c] * vs.s3, dim);
+              weighted += p[n] * grad_scores[n];
+            }
+          }
+          std::fill(grad_query.begin(), grad_query.end(), T(0));
+          for (int64_t a = 0; a < kernel_h; ++a) {
+            const int64_t row_offset_k = row_keys[a] * ks.s2, row_offset_dk = row_keys[a] * dks.s2;
+            const int64_t row_offset_dv = row_keys[a] * dvs.s2;
+            for (int64_t c = 0; c < kernel_w; ++c) {
+              const int64_t n = a * kernel_w + c;
+              const T grad_score = p[n] * (grad_scores[n] - weighted);
+              if (bias_grad != nullptr) bias_grad[row_rel[a] * rpb_w + col_rel[c]] += grad_score;
+              axpy(grad_score * scale, key_base + row_offset_k + col_keys[c] * ks.s3, grad_query.data(), dim);
+              axpy(grad_score * scale, query, grad_key_base + row_offset_dk + col_keys[c] * dks.s3, dim);
+              axpy(p[n], go, grad_value_base + row_offset_dv + col_keys[c] * dvs.s3, dim);
+            }
+          }
+          std::copy(grad_query.begin(), grad_query.end(), dqp + b * dqs.s0 + h * dqs.s1 + i * dqs.s2 + j * dqs.s3);
+        }
+      }
+    }
+  });
+}
+
+void check_inputs(const std::vector<torch::Tensor>& tensors) {
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu(), "na2d_cpu: tensors must be on the CPU");
+    TORCH_CHECK(t.dim() == 5 && t.stride(4) == 1, "na2d_cpu: expected 5-D tensors with a contiguous last dimension");
+    TORCH_CHECK(t.scalar_type() == tensors[0].scalar_type(), "na2d_cpu: tensors must share one dtype");
+  }
+}
+
+// Returns (out, probs): out is (B, heads, H, W, D) viewing a (B, H, W, heads, D) tensor; probs is
+// (B, heads, H, W, kernel_h * kernel_w) when keep_probabilities, else empty.
+std::vector<torch::Tensor> forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                   const c10::optional<torch::Tensor>& rpb, int64_t kernel_h, int64_t kernel_w,
+                                   int64_t dil_h, int64_t dil_w, double scale, bool keep_probabilities) {
+  check_inputs({q, k, v});
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "na2d_cpu: q, k and v must have one shape");
+  c10::optional<torch::Tensor> bias;
+  if (rpb.has_value()) bias = rpb->to(q.scalar_type()).contiguous();
+  const int64_t batch = q.size(0), heads = q.size(1), height = q.size(2), width = q.size(3);
+  auto out = torch::empty({batch, height, width, heads, v.size(4)}, q.options()).permute({0, 3, 1, 2, 4});
+  auto probs = keep_probabilities ? torch::empty({batch, heads, height, width, kernel_h * kernel_w}, q.options())
+                                  : torch::empty({0}, q.options());
+  if (fast_path(q, kernel_h * kernel_w)) {
+    const Geometry g(q, kernel_h, kernel_w);
+    const AxisWindows rows(g.height, kernel_h, dil_h), cols(g.width, kernel_w, dil_w);
+    const View5 qs(q), ks(k), vs(v), os(out);
+    const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+    float* pp = keep_probabilities ? probs.data_ptr<float>() : nullptr;
+    std::vector<int64_t> position;
+    const std::vector<LaneTile> tiles = lane_tiles(g.width, kernel_w, dil_w, position);
+    const bool lanes = with_kernel_width(kernel_w, [&](auto width) {
+      at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
+        forward_heads_lanes<decltype(width)::value>(g, rows, tiles, position, q.data_ptr<float>(), qs,
+                                                    k.data_ptr<float>(), ks, v.data_ptr<float>(), vs, bp,
+                                                    out.data_ptr<float>(), os, pp, static_cast<float>(scale), begin,
+                                                    end);
+      });
+    });
+    if (lanes) return {out, probs};
+    with_chunks(g.dim, [&](auto chunks) {
+      at::parallel_for(0, g.batch * g.heads * g.height, 1, [&](int64_t begin, int64_t end) {
+        forward_rows_avx512<decltype(chunks)::value>(g, rows, cols, q.data_ptr<float>(), qs, k.data_ptr<float>(), ks,
+                                                     v.data_ptr<float>(), vs, bp, out.data_ptr<float>(), os, pp,
+                                                     static_cast<float>(scale), begin, end);
+      });
+    });
+    return {out, probs};
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_cpu_forward", [&] {
+    forward_kernel<scalar_t>(q, k, v, bias, out, keep_probabilities ? &probs : nullptr, kernel_h, kernel_w, dil_h,
+                             dil_w, scale);
+  });
+  return {out, probs};
+}
+
+// Returns (grad_qkv, grad_rpb): grad_qkv is (3, B, heads, H, W, D) viewing a (B, H, W, 3, heads, D) tensor, the
+// layout of a packed qkv projection's output; grad_rpb is (heads, 2K-1, 2K-1), or empty without want_rpb.
+std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::Tensor& q, const torch::Tensor& k,
+                                    const torch::Tensor& v, const torch::Tensor& probs, int64_t kernel_h,
+                                    int64_t kernel_w, int64_t dil_h, int64_t dil_w, double scale, bool want_rpb) {
+  check_inputs({grad_out, q, k, v});
+  const int64_t batch = q.size(0), heads = q.size(1), height = q.size(2), width = q.size(3), dim = q.size(4);
+  TORCH_CHECK(probs.is_contiguous() && probs.numel() == batch * heads * height * width * kernel_h * kernel_w,
+              "na2d_cpu: probabilities of the forward call are needed");
+  auto grad_qkv = torch::zeros({batch, height, width, 3, heads, dim}, q.options()).permute({3, 0, 4, 1, 2, 5});
+  auto grad_q = grad_qkv[0], grad_k = grad_qkv[1], grad_v = grad_qkv[2];
+  auto partial_rpb = want_rpb ? torch::zeros({batch, heads, 2 * kernel_h - 1, 2 * kernel_w - 1}, q.options())
+                              : torch::empty({0}, q.options());
+  if (fast_path(q, kernel_h * kernel_w)) {
+    const Geometry g(q, kernel_h, kernel_w);
+    const AxisWindows rows(g.height, kernel_h, dil_h), cols(g.width, kernel_w, dil_w);
+    const View5 gs(grad_out), qs(q), ks(k), vs(v), dqs(grad_q), dks(grad_k), dvs(grad_v);
+    float* rp = want_rpb ? partial_rpb.data_ptr<float>() : nullptr;
+    with_chunks(g.dim, [&](auto chunks) {
+      at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
+        backward_heads_avx512<decltype(chunks)::value>(
+            g, rows, cols, grad_out.data_ptr<float>(), gs, q.data_ptr<float>(), qs, k.data_ptr<float>(), ks,
+            v.data_ptr<float>(), vs, probs.data_ptr<float>(), grad_q.data_ptr<float>(), dqs, grad_k.data_ptr<float>(),
+            dks, grad_v.data_ptr<float>(), dvs, rp, static_cast<float>(scale), begin, end);
+      });
+    });
+    return {grad_qkv, want_rpb ? partial_rpb.sum(0) : partial_rpb};
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_cpu_backward", [&] {
+    backward_kernel<scalar_t>(grad_out, q, k, v, probs, grad_q, grad_k, grad_v,
+                              want_rpb ? partial_rpb.data_ptr<scalar_t>() : nullptr, kernel_h, kernel_w, dil_h,
+                              dil_w, scale);
+  });
+  return {grad_qkv, want_rpb ? partial_rpb.sum(0) : partial_rpb};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "fused neighborhood attention, forward");
+  m.def("backward", &backward, "fused neighborhood attention, backward");
+}

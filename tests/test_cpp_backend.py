@@ -1,0 +1,147 @@
+"""The C++ CPU kernel (`dinat.ops.cpp_backend`): it builds on this machine, agrees with the reference tester on
+each of its code paths (float32 on AVX-512: 16 queries per vector for kernel widths 3..13, one query per vector
+for other windows up to 256 keys and the backward; plain loops for everything else), reads strided views in place, and is what the dispatcher picks on CPU, unless it cannot be
+built, in which case the torch backend runs and forcing cpp says why."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dinat import ops
+from dinat.ops import cpp_backend, dispatch
+from na_tester import NACase, reference_run
+
+
+def test_the_kernel_builds_here():
+    # every other test here skips with this reason where the kernel is absent: on this machine it must not be
+    if os.environ.get(cpp_backend.BUILD_SWITCH) == "0":
+        pytest.skip(f"{cpp_backend.BUILD_SWITCH}=0")
+    assert cpp_backend.unavailable_reason() is None
+
+
+# vector paths: float32, head_dim in (16, 32, 48, 64), kernel_h * kernel_w <= 256; the rest runs the plain loops
+VECTOR_CASES = [
+    NACase(14, 14, 7, 1, 2, 2, 32),    # DiNAT's head_dim and kernel
+    NACase(22, 23, 7, 3, 1, 2, 32),    # uneven dilation groups on both axes
+    NACase(16, 16, 7, 2, 1, 1, 64),
+    NACase(13, 12, 3, 4, 2, 1, 16),    # a 9-key window: one partial group of 16 scores
+    NACase(12, 12, 11, 1, 1, 1, 48),   # DiNAT-L 11x11: 121 keys
+    NACase(15, 17, 15, 1, 1, 1, 16),   # 225 keys: one query per vector (kernel width above 13)
+    NACase(9, 10, 1, 1, 1, 2, 16),     # a single key
+]
+LOOP_CASES = [
+    NACase(12, 13, 5, 2, 2, 2, 8),     # head_dim not a multiple of 16
+    NACase(11, 11, 3, 3, 1, 3, 80),    # head_dim above 64
+    NACase(17, 17, 17, 1, 1, 1, 16),   # 289 keys
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernel():
+    if cpp_backend.unavailable_reason() is not None:
+        pytest.skip(cpp_backend.unavailable_reason())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("use_rpb", [True, False], ids=["rpb", "no_rpb"])
+@pytest.mark.parametrize("case", VECTOR_CASES + LOOP_CASES, ids=str)
+def test_kernel_matches_reference_forward_and_backward(case, use_rpb, dtype):
+    reference_run(case, use_rpb, seed=3).check_backend("cpp", dtype, backward=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_inputs_are_computed_in_float32_and_returned_in_their_dtype(dtype):
+    reference_run(VECTOR_CASES[1], seed=3).check_backend("cpp", dtype, backward=True)
+
+
+def test_scale_argument_is_applied():
+    reference_run(VECTOR_CASES[0], scale=0.3).check_backend("cpp", torch.float32, backward=True)
+
+
+def _packed(batch, heads, height, width, dim, generator):
+    """q, k, v as the model makes them: views of one (B, H, W, 3, heads, D) projection."""
+    qkv = torch.randn(batch, height, width, 3, heads, dim, generator=generator)
+    return [t.requires_grad_() for t in qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)]
+
+
+@pytest.mark.parametrize("dim", [32, 8], ids=["vector", "loops"])
+def test_strided_views_are_read_in_place_and_output_is_channels_last(dim):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = _packed(2, 3, 15, 16, dim, generator)
+    rpb = torch.randn(3, 9, 9, generator=generator, requires_grad=True)
+    out = ops.na2d(q, k, v, 5, 2, rpb=rpb, backend="cpp")
+    dense = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+    expected = ops.na2d(*dense, 5, 2, rpb=rpb, backend="torch")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # (B, heads, H, W, D) viewing (B, H, W, heads, D): merging heads into channels is a free reshape
+    assert out.permute(0, 2, 3, 1, 4).is_contiguous()
+    grad = torch.randn(out.shape, generator=generator)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v, rpb), grad),
+                         torch.autograd.grad(expected, (*dense, rpb), grad)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_custom_op_passes_opcheck():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 10, 16, generator=generator) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, generator=generator)
+    torch.library.opcheck(torch.ops.dinat.na2d_cpp.default, (q, k, v, rpb, [3, 3], [2, 3], 0.25, True))
+    torch.library.opcheck(torch.ops.dinat.na2d_cpp.default, (q, k, v, None, [3, 3], [1, 1], 0.25, False))
+
+
+def test_automatic_choice_on_cpu_is_cpp_and_logged(caplog):
+    q = torch.zeros(1, 2, 14, 14, 32)
+    with caplog.at_level(logging.DEBUG, logger="dinat.ops"):
+        ops.na2d(q, q, q, 7, 1)
+    assert any("backend cpp" in record.getMessage() for record in caplog.records)
+
+
+def test_without_the_kernel_the_torch_backend_runs_and_forcing_cpp_says_why():
+    script = textwrap.dedent("""
+        import torch
+        from dinat import ops
+        from dinat.ops import dispatch
+        q = torch.randn(1, 2, 14, 14, 32)
+        assert dispatch.choose(None, q, True, False, (7, 7), (1, 1)) == "torch"
+        compiled = torch.compile(lambda q: ops.na2d(q, q, q, 7, 1), backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(q), ops.na2d(q, q, q, 7, 1, backend="torch"))
+        try:
+            ops.na2d(q, q, q, 7, 1, backend="cpp")
+        except ValueError as err:
+            assert "DINAT_BUILD_KERNELS=0" in str(err), err
+        else:
+            raise AssertionError("forcing cpp without the kernel must fail")
+        print("ok")
+    """)
+    env = dict(os.environ, **{cpp_backend.BUILD_SWITCH: "0"})
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_cuda_tensors_are_refused_with_the_reason():
+    assert "CPU only" in dispatch.why_not("cpp", torch.zeros(1, 1, 7, 7, 16, device="meta"), True, False)
+
+
+def test_a_failed_build_falls_back_to_torch_with_the_reason(tmp_path):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    script = textwrap.dedent(f"""
+        import torch
+        from dinat.ops import cpp_backend, dispatch
+        cpp_backend.SOURCE = __import__("pathlib").Path({str(broken)!r})
+        reason = cpp_backend.unavailable_reason()
+        assert reason is not None and "could not be built" in reason, reason
+        q = torch.randn(1, 2, 14, 14, 32)
+        assert dispatch.choose(None, q, True, False, (7, 7), (1, 1)) == "torch"
+        print("ok")
+    """)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
