@@ -106,7 +106,7 @@ class DinatConfig(BackboneConfigMixin, PreTrainedConfig):
         self.layer_scale_init_value = layer_scale_init_value
         # not in transformers' DiNAT (absent from hub configs, so these defaults apply there):
         self.use_rpb = use_rpb  # False: no relative positional bias, for models trained from scratch
-        self.na_backend = na_backend  # "auto", "torch", "flex" or "natten"; see dinat.ops.dispatch
+        self.na_backend = na_backend  # "auto", "torch", "cpp", "flex" or "natten"; see dinat.ops.dispatch
         self._validate()
         self.depths = list(self.depths)
         self.num_heads = list(self.num_heads)

@@ -52,7 +52,7 @@ def use_backend(name: str) -> Iterator[None]:
     Overrides the model config's `na_backend` and `na2d`'s `backend` argument; blocks nest, the innermost wins.
 
     Args:
-        name: "torch", "flex" or "natten"; "auto" lifts an outer block's forcing (the `backend` argument or the
+        name: "torch", "cpp", "flex" or "natten"; "auto" lifts an outer block's forcing (the `backend` argument or the
             config's `na_backend`, else the automatic choice, applies again).
 
     Yields:
