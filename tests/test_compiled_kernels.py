@@ -1,6 +1,7 @@
-"""torch.compile keeps the eager fast paths: the fused neighborhood-attention kernel (`dinat::na2d_cpp`, the C++
-kernel, or `dinat::na2d`, the torch backend's tiled kernel, when that backend is chosen) and the oneDNN linear epilogues (`dinat::linear_epilogue`) appear in the compiled graph as custom ops, instead of the
-graph falling back to plain ops (slower than eager on CPU)."""
+"""torch.compile keeps the eager fast paths: the fused neighborhood-attention kernel (the C++ kernel on the
+packed qkv projection, `dinat::na2d_cpp_packed`, or the torch backend's tiled kernel, `dinat::na2d`, when that
+backend is chosen) and the oneDNN linear epilogues (`dinat::linear_epilogue`) appear in the compiled graph as
+custom ops, instead of the graph falling back to plain ops (slower than eager on CPU)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _graph_ops(model, pixels) -> list[str]:
 
 # the attention op a compiled CPU graph holds: the C++ kernel where it builds (test_cpp_backend requires that it
 # builds here), the torch backend's tiled kernel when that backend is asked for
-ATTENTION_OPS = [("auto", "dinat.na2d_cpp"), ("torch", "dinat.na2d")]
+ATTENTION_OPS = [("auto", "dinat.na2d_cpp_packed"), ("torch", "dinat.na2d")]
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused linears need oneDNN")

@@ -145,3 +145,29 @@ def test_a_failed_build_falls_back_to_torch_with_the_reason(tmp_path):
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_packed_entry_point_matches_separate_views_and_keeps_the_gradient_layout(dtype):
+    # DiNAT's layers pass their qkv projection packed: the gradient comes back as one contiguous tensor
+    generator = torch.Generator().manual_seed(5)
+    qkv = torch.randn(2, 14, 15, 3, 2, 32, generator=generator).to(dtype).requires_grad_()
+    rpb = torch.randn(2, 13, 13, generator=generator, requires_grad=True)
+    out = ops.na2d_packed(qkv, 7, 2, rpb=rpb, scale=0.2, backend="cpp")
+    separate = qkv.detach().clone().requires_grad_()
+    expected = ops.na2d(*separate.permute(3, 0, 4, 1, 2, 5).unbind(0), 7, 2, rpb=rpb, scale=0.2, backend="torch")
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out, expected, **tolerance)
+    grad = torch.randn(out.shape, generator=generator).to(dtype)
+    got_qkv, got_rpb = torch.autograd.grad(out, (qkv, rpb), grad)
+    want_qkv, want_rpb = torch.autograd.grad(expected, (separate, rpb), grad)
+    assert got_qkv.dtype == dtype and got_qkv.is_contiguous()
+    torch.testing.assert_close(got_qkv, want_qkv, **tolerance)
+    torch.testing.assert_close(got_rpb, want_rpb, atol=1e-3 if dtype == torch.float32 else 0.5, rtol=1e-3)
+
+
+def test_packed_custom_op_passes_opcheck():
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(1, 9, 10, 3, 2, 16, generator=generator)
+    rpb = torch.randn(2, 5, 5, generator=generator)
+    torch.library.opcheck(torch.ops.dinat.na2d_cpp_packed.default, (qkv, rpb, [3, 3], [2, 3], 0.25, True))

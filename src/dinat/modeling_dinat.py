@@ -176,30 +176,29 @@ class NeighborhoodAttention(nn.Module):
             self.__dict__["_joined_qkv"] = cached
         return cached[1], cached[2]
 
-    def _project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v as (B, heads, H, W, head_dim) views of one matmul."""
+    def _project_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """q, k, v packed as (B, H, W, 3, heads, head_dim): one matmul."""
         batch, height, width, _ = hidden_states.shape
         weight, bias = self._qkv_weights()
-        qkv = ops.linear(hidden_states, weight, bias).view(batch, height, width, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
-        return q, k, v
+        return ops.linear(hidden_states, weight, bias).view(batch, height, width, 3, self.num_heads, self.head_dim)
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
         batch, height, width, channels = hidden_states.shape
-        q, k, v = self._project_qkv(hidden_states)
+        qkv = self._project_qkv(hidden_states)
         scale = 1.0 / math.sqrt(self.head_dim)
 
         weights = None
         if output_attentions or (self.training and self.dropout.p > 0):
             # unfused: the (B, heads, H, W, K*K) weights are returned or dropped out
+            q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
             scores = ops.na2d_qk(q * scale, k, self.kernel_size, self.dilation, rpb=self.rpb)
             weights = self.dropout(scores.softmax(dim=-1))
             context = ops.na2d_av(weights, v, self.kernel_size, self.dilation)
         else:
-            context = ops.na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb, scale=scale,
-                               backend=self.backend)
+            context = ops.na2d_packed(qkv, self.kernel_size, self.dilation, rpb=self.rpb, scale=scale,
+                                      backend=self.backend)
 
-        # the torch backend returns a heads-first view of (B, H, W, heads, D) memory: this reshape is free
+        # the torch and cpp backends return a heads-first view of (B, H, W, heads, D) memory: this reshape is free
         context = context.permute(0, 2, 3, 1, 4).reshape(batch, height, width, channels)
         return context, (weights if output_attentions else None)
 

@@ -71,16 +71,42 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPa
             message says why).
     """
     kernel_size, dilation = _check(q, kernel_size, dilation, rpb, (("key", k), ("value", v)))
+    module = _backend_module(backend, q, (q, k, v, rpb), kernel_size, dilation)
+    return module.na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale)
+
+
+def na2d_packed(qkv: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1, rpb: torch.Tensor | None = None,
+                scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """`na2d` on queries, keys and values packed in one projection's output, as DiNAT's layers make them.
+
+    Args:
+        qkv: (B, H, W, 3, heads, D): q, k and v along the fourth dimension.
+        kernel_size, dilation, rpb, scale, backend: as for `na2d`.
+
+    Returns:
+        (B, heads, H, W, D) attention output, as `na2d`'s. Backends that take the packed tensor (cpp) return its
+        gradient in the packed layout, without copying it together from three views.
+    """
+    if qkv.dim() != 6 or qkv.shape[3] != 3:
+        raise ValueError(f"expected a packed (batch, height, width, 3, heads, head_dim) tensor, got {tuple(qkv.shape)}")
+    q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
+    kernel_size, dilation = _check(q, kernel_size, dilation, rpb)
+    module = _backend_module(backend, q, (qkv, rpb), kernel_size, dilation)
+    if module is cpp_backend:
+        return cpp_backend.na2d_packed(qkv, kernel_size, dilation, rpb=rpb, scale=scale)
+    return module.na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale)
+
+
+def _backend_module(backend, q, differentiable, kernel_size, dilation):
     if torch.compiler.is_compiling():
         # traced (torch.compile / export): no context variable or logging; the config's choice, else the
         # fastest backend that traces into the graph
         name = dispatch.choose_traced(backend, q)
     else:
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))
-        name = dispatch.choose(backend, q, rpb is not None, needs_grad, kernel_size, dilation)
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
+        name = dispatch.choose(backend, q, differentiable[-1] is not None, needs_grad, kernel_size, dilation)
     # the modules already imported are used directly: a compiled graph cannot trace importlib
-    module = {"torch": torch_backend, "cpp": cpp_backend, "flex": flex_backend}.get(name) or dispatch.backend(name)
-    return module.na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale)
+    return {"torch": torch_backend, "cpp": cpp_backend, "flex": flex_backend}.get(name) or dispatch.backend(name)
 
 
 def na2d_qk(q: torch.Tensor, k: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1,
@@ -121,4 +147,4 @@ def na2d_av(weights: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dila
     return unfused.na2d_av(weights, v, kernel_size, dilation)
 
 
-__all__ = ["na2d", "na2d_qk", "na2d_av", "use_backend", "BACKENDS", "linear"]
+__all__ = ["na2d", "na2d_packed", "na2d_qk", "na2d_av", "use_backend", "BACKENDS", "linear"]

@@ -89,17 +89,13 @@ def _last_dim_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("dinat::na2d_cpp", mutates_args=())
-def _na2d_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None, kernel_size: list[int],
-             dilation: list[int], scale: float, keep_probabilities: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q, k, v, rpb, kernel_size, dilation, scale, keep_probabilities):
     compute = _compute_dtype(q.dtype)
     q, k, v = (_last_dim_contiguous(t, compute) for t in (q, k, v))
-    out, probs = _extension().forward(q, k, v, rpb, *kernel_size, *dilation, scale, keep_probabilities)
-    return out, probs
+    return tuple(_extension().forward(q, k, v, rpb, *kernel_size, *dilation, scale, keep_probabilities))
 
 
-@_na2d_op.register_fake
-def _na2d_fake(q, k, v, rpb, kernel_size, dilation, scale, keep_probabilities):
+def _forward_fake(q, kernel_size, keep_probabilities):
     batch, heads, height, width, dim = q.shape
     compute = _compute_dtype(q.dtype)
     out = q.new_empty(batch, height, width, heads, dim, dtype=compute).permute(0, 3, 1, 2, 4)
@@ -108,21 +104,45 @@ def _na2d_fake(q, k, v, rpb, kernel_size, dilation, scale, keep_probabilities):
     return out, probs
 
 
+def _backward(grad_out, q, k, v, probs, kernel_size, dilation, scale, want_rpb):
+    """(grad_qkv as (3, B, heads, H, W, D) viewing a (B, H, W, 3, heads, D) tensor, grad_rpb or an empty tensor)"""
+    grad_out, q, k, v = (_last_dim_contiguous(t, probs.dtype) for t in (grad_out, q, k, v))
+    return tuple(_extension().backward(grad_out, q, k, v, probs, *kernel_size, *dilation, scale, want_rpb))
+
+
+def _rpb_grad_fake(probs, q_shape, kernel_size, want_rpb):
+    return probs.new_empty((q_shape[1], 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1) if want_rpb else (0,))
+
+
+def _unpack(qkv: torch.Tensor):
+    """q, k, v as (B, heads, H, W, D) views of a packed (B, H, W, 3, heads, D) projection."""
+    return qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
+
+
+# -- separate q, k, v ---------------------------------------------------------------------------------
+@torch.library.custom_op("dinat::na2d_cpp", mutates_args=())
+def _na2d_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None, kernel_size: list[int],
+             dilation: list[int], scale: float, keep_probabilities: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, rpb, kernel_size, dilation, scale, keep_probabilities)
+
+
+@_na2d_op.register_fake
+def _na2d_fake(q, k, v, rpb, kernel_size, dilation, scale, keep_probabilities):
+    return _forward_fake(q, kernel_size, keep_probabilities)
+
+
 @torch.library.custom_op("dinat::na2d_cpp_backward", mutates_args=())
 def _na2d_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs: torch.Tensor,
                       kernel_size: list[int], dilation: list[int], scale: float,
                       want_rpb: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    compute = probs.dtype
-    grad_out, q, k, v = (_last_dim_contiguous(t, compute) for t in (grad_out, q, k, v))
-    return tuple(_extension().backward(grad_out, q, k, v, probs, *kernel_size, *dilation, scale, want_rpb))
+    return _backward(grad_out, q, k, v, probs, kernel_size, dilation, scale, want_rpb)
 
 
 @_na2d_backward_op.register_fake
 def _na2d_backward_fake(grad_out, q, k, v, probs, kernel_size, dilation, scale, want_rpb):
     batch, heads, height, width, dim = q.shape
     grad_qkv = probs.new_empty(batch, height, width, 3, heads, dim).permute(3, 0, 4, 1, 2, 5)
-    rpb_shape = (heads, 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1) if want_rpb else (0,)
-    return grad_qkv, probs.new_empty(rpb_shape)
+    return grad_qkv, _rpb_grad_fake(probs, q.shape, kernel_size, want_rpb)
 
 
 def _setup_context(ctx, inputs, output):
@@ -132,7 +152,7 @@ def _setup_context(ctx, inputs, output):
     ctx.dtypes = (q.dtype, k.dtype, v.dtype, None if rpb is None else rpb.dtype)
 
 
-def _backward(ctx, grad_out, _grad_probs):
+def _autograd_backward(ctx, grad_out, _grad_probs):
     q, k, v, probs = ctx.saved_tensors
     rpb_dtype = ctx.dtypes[3]
     want_rpb = rpb_dtype is not None and ctx.needs_input_grad[3]
@@ -141,7 +161,49 @@ def _backward(ctx, grad_out, _grad_probs):
     return *grads, (grad_rpb.to(rpb_dtype) if want_rpb else None), None, None, None, None
 
 
-_na2d_op.register_autograd(_backward, setup_context=_setup_context)
+_na2d_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# -- one packed (B, H, W, 3, heads, D) projection: its gradient comes back in its own layout, without copies ----
+@torch.library.custom_op("dinat::na2d_cpp_packed", mutates_args=())
+def _na2d_packed_op(qkv: torch.Tensor, rpb: torch.Tensor | None, kernel_size: list[int], dilation: list[int],
+                    scale: float, keep_probabilities: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(*_unpack(qkv), rpb, kernel_size, dilation, scale, keep_probabilities)
+
+
+@_na2d_packed_op.register_fake
+def _na2d_packed_fake(qkv, rpb, kernel_size, dilation, scale, keep_probabilities):
+    return _forward_fake(_unpack(qkv)[0], kernel_size, keep_probabilities)
+
+
+@torch.library.custom_op("dinat::na2d_cpp_packed_backward", mutates_args=())
+def _na2d_packed_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, probs: torch.Tensor, kernel_size: list[int],
+                             dilation: list[int], scale: float, want_rpb: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_qkv, grad_rpb = _backward(grad_out, *_unpack(qkv), probs, kernel_size, dilation, scale, want_rpb)
+    return grad_qkv.permute(1, 3, 4, 0, 2, 5), grad_rpb  # (B, H, W, 3, heads, D): contiguous
+
+
+@_na2d_packed_backward_op.register_fake
+def _na2d_packed_backward_fake(grad_out, qkv, probs, kernel_size, dilation, scale, want_rpb):
+    return probs.new_empty(qkv.shape), _rpb_grad_fake(probs, _unpack(qkv)[0].shape, kernel_size, want_rpb)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    qkv, rpb, kernel_size, dilation, scale, _ = inputs
+    ctx.save_for_backward(qkv, output[1])
+    ctx.arguments = (kernel_size, dilation, scale)
+    ctx.dtypes = (qkv.dtype, None if rpb is None else rpb.dtype)
+
+
+def _packed_autograd_backward(ctx, grad_out, _grad_probs):
+    qkv, probs = ctx.saved_tensors
+    qkv_dtype, rpb_dtype = ctx.dtypes
+    want_rpb = rpb_dtype is not None and ctx.needs_input_grad[1]
+    grad_qkv, grad_rpb = _na2d_packed_backward_op(grad_out, qkv, probs, *ctx.arguments, want_rpb)
+    return grad_qkv.to(qkv_dtype), (grad_rpb.to(rpb_dtype) if want_rpb else None), None, None, None, None
+
+
+_na2d_packed_op.register_autograd(_packed_autograd_backward, setup_context=_packed_setup_context)
 
 
 def _window_flops(q_shape, kernel_size) -> int:
@@ -154,6 +216,17 @@ def _window_flops(q_shape, kernel_size) -> int:
 @register_flop_formula(torch.ops.dinat.na2d_cpp)
 def _forward_flops(q_shape, k_shape, v_shape, rpb_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
     return 2 * _window_flops(q_shape, kernel_size)  # scores, weighted sum of values
+
+
+@register_flop_formula(torch.ops.dinat.na2d_cpp_packed)
+def _packed_forward_flops(qkv_shape, rpb_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
+    batch, height, width, _, heads, dim = qkv_shape
+    return 2 * _window_flops((batch, heads, height, width, dim), kernel_size)
+
+
+@register_flop_formula(torch.ops.dinat.na2d_cpp_packed_backward)
+def _packed_backward_flops(grad_shape, qkv_shape, probs_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
+    return 4 * _window_flops(grad_shape, kernel_size)
 
 
 @register_flop_formula(torch.ops.dinat.na2d_cpp_backward)
@@ -176,4 +249,14 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, d
     return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
-__all__ = ["can_run", "na2d", "unavailable_reason"]
+def na2d_packed(qkv: torch.Tensor, kernel_size: Pair, dilation: Pair, rpb: torch.Tensor | None = None,
+                scale: float | None = None) -> torch.Tensor:
+    """`na2d` on q, k, v packed in one (B, H, W, 3, heads, D) projection; its gradient comes back in that layout."""
+    scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qkv, rpb))
+    with torch.autocast("cpu", enabled=False):
+        out, _ = _na2d_packed_op(qkv, rpb, list(kernel_size), list(dilation), scale, needs_grad)
+    return out if out.dtype == qkv.dtype else out.to(qkv.dtype)
+
+
+__all__ = ["can_run", "na2d", "na2d_packed", "unavailable_reason"]

@@ -230,6 +230,20 @@ DINAT_AVX512 void forward_rows_avx512(const Geometry& g, const AxisWindows& rows
   }
 }
 
+// one key of a query's window in the backward: grad_q += grad_score * key, and the key's and value's gradients
+// (read, add, write): grad_k += grad_score * scale * q, grad_v += p * grad_out
+template <int Chunks>
+DINAT_AVX512 inline void key_value_gradients(float grad_score, float prob, const float* key, float* grad_key,
+                                             float* grad_value, const __m512* scaled_query, const __m512* grad_out,
+                                             __m512* grad_query) {
+  const __m512 s = _mm512_set1_ps(grad_score), p = _mm512_set1_ps(prob);
+  for (int c = 0; c < Chunks; ++c) {
+    grad_query[c] = _mm512_fmadd_ps(s, _mm512_loadu_ps(key + 16 * c), grad_query[c]);
+    _mm512_storeu_ps(grad_key + 16 * c, _mm512_fmadd_ps(s, scaled_query[c], _mm512_loadu_ps(grad_key + 16 * c)));
+    _mm512_storeu_ps(grad_value + 16 * c, _mm512_fmadd_ps(p, grad_out[c], _mm512_loadu_ps(grad_value + 16 * c)));
+  }
+}
+
 template <int Chunks>
 DINAT_AVX512 void backward_heads_avx512(const Geometry& g, const AxisWindows& rows, const AxisWindows& cols,
                                         const float* gp, const View5& gs, const float* qp, const View5& qs,
@@ -299,22 +313,25 @@ DINAT_AVX512 void backward_heads_avx512(const Geometry& g, const AxisWindows& ro
             }
           }
         }
-        __m512 grad_query[2][Chunks];
-        for (int c = 0; c < Chunks; ++c) grad_query[0][c] = grad_query[1][c] = _mm512_setzero_ps();
-        for (int64_t n = 0; n < g.window; ++n) {
-          const __m512 grad_score = _mm512_set1_ps(grad_scores[n]), prob = _mm512_set1_ps(probs[n]);
-          for (int c = 0; c < Chunks; ++c) {
-            grad_query[n & 1][c] = _mm512_fmadd_ps(grad_score, _mm512_loadu_ps(w.keys[n] + 16 * c), grad_query[n & 1][c]);
-            float* dk = grad_keys[n] + 16 * c;
-            _mm512_storeu_ps(dk, _mm512_fmadd_ps(grad_score, scaled_query[c], _mm512_loadu_ps(dk)));
-            float* dv = grad_values[n] + 16 * c;
-            _mm512_storeu_ps(dv, _mm512_fmadd_ps(prob, grad_out[c], _mm512_loadu_ps(dv)));
-          }
+        // two partial sums of grad_q, so that consecutive keys' FMAs do not wait on each other
+        __m512 even[Chunks], odd[Chunks];
+        for (int c = 0; c < Chunks; ++c) even[c] = odd[c] = _mm512_setzero_ps();
+        int64_t n = 0;
+        for (; n + 1 < g.window; n += 2) {
+          key_value_gradients<Chunks>(grad_scores[n], probs[n], w.keys[n], grad_keys[n], grad_values[n],
+                                      scaled_query, grad_out, even);
+          key_value_gradients<Chunks>(grad_scores[n + 1], probs[n + 1], w.keys[n + 1], grad_keys[n + 1],
+                                      grad_values[n + 1], scaled_query, grad_out, odd);
         }
+        if (n < g.window)
+          key_value_gradients<Chunks>(grad_scores[n], probs[n], w.keys[n], grad_keys[n], grad_values[n],
+                                      scaled_query, grad_out, even);
+        __m512 grad_query[Chunks];
+        for (int c = 0; c < Chunks; ++c)
+          grad_query[c] = _mm512_mul_ps(_mm512_add_ps(even[c], odd[c]), _mm512_set1_ps(scale));
         float* dq = dqp + b * dqs.s0 + h * dqs.s1 + i * dqs.s2 + j * dqs.s3;
         for (int c = 0; c < Chunks; ++c)
-          _mm512_storeu_ps(dq + 16 * c, _mm512_mul_ps(_mm512_add_ps(grad_query[0][c], grad_query[1][c]),
-                                                     _mm512_set1_ps(scale)));
+          _mm512_storeu_ps(dq + 16 * c, grad_query[c]);
       }
     }
   }
@@ -393,6 +410,45 @@ std::vector<LaneTile> lane_tiles(int64_t width, int64_t kernel_w, int64_t dilati
   return tiles;
 }
 
+// m[r] lane c -> m[c] lane r (a 16x16 transpose in registers)
+DINAT_AVX512 inline void transpose16(__m512* m) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(m[2 * i], m[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(m[2 * i], m[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    m[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    m[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    m[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    m[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(m[8 * i + j], m[8 * i + j + 4], 0x88);
+      t[8 * i + j + 4] = _mm512_shuffle_f32x4(m[8 * i + j], m[8 * i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    m[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    m[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+
+// rows[l] (16 pointers to `dim` floats) -> out[e * 16 + l] for e < dim, each row times `scale`
+DINAT_AVX512 inline void gather_transposed(const float* const* rows, int64_t dim, float scale, float* out,
+                                           int64_t out_stride) {
+  const __m512 factor = _mm512_set1_ps(scale);
+  for (int64_t chunk = 0; chunk < dim; chunk += 16) {
+    __m512 m[16];
+    for (int l = 0; l < 16; ++l) m[l] = _mm512_mul_ps(_mm512_loadu_ps(rows[l] + chunk), factor);
+    transpose16(m);
+    for (int e = 0; e < 16; ++e) _mm512_storeu_ps(out + (chunk + e) * out_stride, m[e]);
+  }
+}
+
+// acc[c] = sum_e query_t[e] * (keys of channel e, window column c)
 template <int KernelW, bool Consecutive>
 DINAT_AVX512 inline void window_row_scores(const float* query_t, const float* keys, int64_t stride, int64_t dim,
                                            const __m512i* index, __m512* acc) {
@@ -409,11 +465,13 @@ DINAT_AVX512 inline void window_row_scores(const float* query_t, const float* ke
   }
 }
 
-// out_t[e] += sum_c probs[c] * (values of channel e, window column c) for four channels at once
+// out_t[e] += sum_c probs[c] * (values of channel e, window column c) for eight channels at once (eight
+// independent sums keep the FMA unit busy)
+constexpr int kValueChannels = 8;
 template <int KernelW, bool Consecutive>
 DINAT_AVX512 inline void window_row_values(const float* probs, const float* values, int64_t stride,
                                            const __m512i* index, __m512* acc) {
-  for (int u = 0; u < 4; ++u, values += stride) {
+  for (int u = 0; u < kValueChannels; ++u, values += stride) {
     if (Consecutive) {
       for (int c = 0; c < KernelW; ++c)
         acc[u] = _mm512_fmadd_ps(_mm512_load_ps(probs + 16 * c), _mm512_loadu_ps(values + c), acc[u]);
@@ -461,13 +519,29 @@ DINAT_AVX512 void forward_tile(const Geometry& g, const LaneTile& tile, const in
   const __m512 inverse = _mm512_div_ps(_mm512_set1_ps(1.0f), total);
   for (int64_t n = 0; n < window; ++n)
     _mm512_store_ps(scores + 16 * n, _mm512_mul_ps(_mm512_load_ps(scores + 16 * n), inverse));
-  for (int64_t e = 0; e < g.dim; e += 4) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t e = 0; e < g.dim; e += kValueChannels) {
+    __m512 acc[kValueChannels];
+    for (int u = 0; u < kValueChannels; ++u) acc[u] = _mm512_setzero_ps();
     for (int64_t a = 0; a < g.kernel_h; ++a)
       window_row_values<KernelW, Consecutive>(scores + 16 * a * KernelW,
                                               values_t + row_keys[a] * row_stride + e * channel_stride + tile.base,
                                               channel_stride, index, acc);
-    for (int u = 0; u < 4; ++u) _mm512_store_ps(out_t + 16 * (e + u), acc[u]);
+    for (int u = 0; u < kValueChannels; ++u) _mm512_store_ps(out_t + 16 * (e + u), acc[u]);
+  }
+}
+
+// the inverse of gather_transposed: in[e * 16 + l] for e < count -> row of lane l (at base + column * stride),
+// for the lanes in `used`
+DINAT_AVX512 inline void scatter_transposed(const float* in, int64_t count, const LaneTile& tile, float* base,
+                                            int64_t stride, __mmask16 used) {
+  for (int64_t chunk = 0; chunk < count; chunk += 16) {
+    const int64_t width = std::min<int64_t>(16, count - chunk);
+    const __mmask16 part = static_cast<__mmask16>((1u << width) - 1);
+    __m512 m[16];
+    for (int e = 0; e < 16; ++e) m[e] = e < width ? _mm512_load_ps(in + (chunk + e) * 16) : _mm512_setzero_ps();
+    transpose16(m);
+    for (int l = 0; l < 16; ++l)
+      if ((used >> l) & 1) _mm512_mask_storeu_ps(base + tile.column[l] * stride + chunk, part, m[l]);
   }
 }
 
@@ -480,22 +554,28 @@ DINAT_AVX512 void forward_heads_lanes(const Geometry& g, const AxisWindows& rows
   const int64_t padded_width = g.width + 32;  // the permute's 32-float reads stay inside a row
   std::vector<float> keys_t(g.height * g.dim * padded_width, 0.0f), values_t(keys_t.size(), 0.0f);
   std::vector<float> bias(bp != nullptr ? (2 * g.kernel_h - 1) * 32 : 0, 0.0f);
+  std::vector<float> zeros(g.dim, 0.0f);
+  std::vector<int64_t> column_at(g.width);
+  for (int64_t x = 0; x < g.width; ++x) column_at[position[x]] = x;
   alignas(64) float query_t[64 * 16];
   alignas(64) float out_t[64 * 16];
   std::vector<float> scores_storage(kMaxWindow * 16 + 16);
   float* scores = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scores_storage.data()) + 63) & ~uintptr_t(63));
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / g.heads, h = task % g.heads;
+    // keys and values transposed, 16 columns at a time (columns past the row's end read a row of zeros)
     for (int64_t r = 0; r < g.height; ++r)
-      for (int64_t x = 0; x < g.width; ++x) {
-        const float* key = kp + b * ks.s0 + h * ks.s1 + r * ks.s2 + x * ks.s3;
-        const float* value = vp + b * vs.s0 + h * vs.s1 + r * vs.s2 + x * vs.s3;
-        float* key_t = keys_t.data() + r * g.dim * padded_width + position[x];
-        float* value_t = values_t.data() + r * g.dim * padded_width + position[x];
-        for (int64_t e = 0; e < g.dim; ++e) {
-          key_t[e * padded_width] = key[e];
-          value_t[e * padded_width] = value[e];
+      for (int64_t first = 0; first < g.width; first += 16) {
+        const float* key_rows[16];
+        const float* value_rows[16];
+        for (int64_t l = 0; l < 16; ++l) {
+          const bool inside = first + l < g.width;
+          const int64_t x = inside ? column_at[first + l] : 0;
+          key_rows[l] = inside ? kp + b * ks.s0 + h * ks.s1 + r * ks.s2 + x * ks.s3 : zeros.data();
+          value_rows[l] = inside ? vp + b * vs.s0 + h * vs.s1 + r * vs.s2 + x * vs.s3 : zeros.data();
         }
+        gather_transposed(key_rows, g.dim, 1.0f, keys_t.data() + r * g.dim * padded_width + first, padded_width);
+        gather_transposed(value_rows, g.dim, 1.0f, values_t.data() + r * g.dim * padded_width + first, padded_width);
       }
     if (bp != nullptr)
       for (int64_t row = 0; row < 2 * g.kernel_h - 1; ++row)
@@ -504,10 +584,10 @@ DINAT_AVX512 void forward_heads_lanes(const Geometry& g, const AxisWindows& rows
       const int64_t* row_keys = &rows.keys[i * g.kernel_h];
       const int64_t* row_rel = &rows.rel[i * g.kernel_h];
       for (const LaneTile& tile : tiles) {
-        for (int64_t lane = 0; lane < 16; ++lane) {
-          const float* query = qp + b * qs.s0 + h * qs.s1 + i * qs.s2 + tile.column[lane] * qs.s3;
-          for (int64_t e = 0; e < g.dim; ++e) query_t[16 * e + lane] = query[e] * scale;
-        }
+        const float* query_rows[16];
+        for (int64_t lane = 0; lane < 16; ++lane)
+          query_rows[lane] = qp + b * qs.s0 + h * qs.s1 + i * qs.s2 + tile.column[lane] * qs.s3;
+        gather_transposed(query_rows, g.dim, scale, query_t, 16);
         const float* bias_h = bp != nullptr ? bias.data() : nullptr;
         if (tile.consecutive)
           forward_tile<KernelW, true>(g, tile, row_keys, row_rel, keys_t.data(), values_t.data(), padded_width, bias_h,
@@ -515,14 +595,11 @@ DINAT_AVX512 void forward_heads_lanes(const Geometry& g, const AxisWindows& rows
         else
           forward_tile<KernelW, false>(g, tile, row_keys, row_rel, keys_t.data(), values_t.data(), padded_width,
                                        bias_h, query_t, scores, out_t);
-        for (int64_t lane = 0; lane < tile.count; ++lane) {
-          float* out = op + b * os.s0 + h * os.s1 + i * os.s2 + tile.column[lane] * os.s3;
-          for (int64_t e = 0; e < g.dim; ++e) out[e] = out_t[16 * e + lane];
-          if (pp != nullptr) {
-            float* probs = pp + (((b * g.heads + h) * g.height + i) * g.width + tile.column[lane]) * g.window;
-            for (int64_t n = 0; n < g.window; ++n) probs[n] = scores[16 * n + lane];
-          }
-        }
+        const __mmask16 used = static_cast<__mmask16>((1u << tile.count) - 1);
+        scatter_transposed(out_t, g.dim, tile, op + b * os.s0 + h * os.s1 + i * os.s2, os.s3, used);
+        if (pp != nullptr)
+          scatter_transposed(scores, g.window, tile, pp + ((b * g.heads + h) * g.height + i) * g.width * g.window,
+                             g.window, used);
       }
     }
   }
