@@ -30,7 +30,7 @@ SECTIONS = [
                        "dinat.modeling_dinat.DinatEncoderOutput"]),
     ("Image processor", ["dinat.DinatImageProcessor"]),
     ("transformers integration", ["dinat.register_with_transformers"]),
-    ("Neighborhood-attention ops", ["dinat.ops.na2d", "dinat.ops.na2d_qk", "dinat.ops.na2d_av",
+    ("Neighborhood-attention ops", ["dinat.ops.na2d", "dinat.ops.na2d_packed", "dinat.ops.na2d_qk", "dinat.ops.na2d_av",
                                     "dinat.ops.use_backend", "dinat.ops.linear"]),
     ("Backends", ["dinat.ops.torch_backend.can_run", "dinat.ops.cpp_backend.can_run",
                   "dinat.ops.flex_backend.can_run", "dinat.ops.natten_backend.can_run"]),

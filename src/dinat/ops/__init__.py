@@ -80,12 +80,19 @@ def na2d_packed(qkv: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair =
     """`na2d` on queries, keys and values packed in one projection's output, as DiNAT's layers make them.
 
     Args:
-        qkv: (B, H, W, 3, heads, D): q, k and v along the fourth dimension.
-        kernel_size, dilation, rpb, scale, backend: as for `na2d`.
+        qkv: (B, H, W, 3, heads, D): q, k and v along the fourth dimension; H and W at least kernel_size * dilation.
+        kernel_size: window size, odd; an int or a (height, width) pair.
+        dilation: spacing of the window's keys, >= 1; an int or a (height, width) pair.
+        rpb: relative positional bias (heads, 2 * kernel_size - 1, 2 * kernel_size - 1); None for none.
+        scale: factor on the scores; default head_dim ** -0.5.
+        backend: "auto" (default) or one of `BACKENDS` to force it; a `use_backend` block overrides it.
 
     Returns:
         (B, heads, H, W, D) attention output, as `na2d`'s. Backends that take the packed tensor (cpp) return its
         gradient in the packed layout, without copying it together from three views.
+
+    Raises:
+        ValueError: as `na2d`, or a tensor that is not (B, H, W, 3, heads, D).
     """
     if qkv.dim() != 6 or qkv.shape[3] != 3:
         raise ValueError(f"expected a packed (batch, height, width, 3, heads, head_dim) tensor, got {tuple(qkv.shape)}")
