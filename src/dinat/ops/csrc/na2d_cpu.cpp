@@ -143,7 +143,8 @@ DINAT_AVX512 inline void weighted_sum(const float* weights, const float* const* 
   for (; n + 4 <= count; n += 4)
     for (int u = 0; u < 4; ++u) {
       const __m512 w = _mm512_set1_ps(weights[n + u]);
-      for (int c = 0; c < Chunks; ++c) part[u][c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(rows[n + u] + 16 * c), part[u][c]);
+      for (int c = 0; c < Chunks; ++c)
+        part[u][c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(rows[n + u] + 16 * c), part[u][c]);
     }
   for (; n < count; ++n) {
     const __m512 w = _mm512_set1_ps(weights[n]);
