@@ -30,8 +30,11 @@ namespace {
 struct AxisWindows {
   std::vector<int64_t> keys, rel;
   int64_t dilation;
+  std::vector<int64_t> order;  // positions group by group: neighbours in this order share most of their keys
   AxisWindows(int64_t length, int64_t kernel, int64_t dilation)
       : keys(length * kernel), rel(length * kernel), dilation(dilation) {
+    for (int64_t group = 0; group < dilation; ++group)
+      for (int64_t i = group; i < length; i += dilation) order.push_back(i);
     for (int64_t i = 0; i < length; ++i) {
       const int64_t group = i % dilation, pos = i / dilation;
       const int64_t group_length = (length - group + dilation - 1) / dilation;
@@ -269,10 +272,10 @@ DINAT_AVX512 void backward_heads_avx512(const Geometry& g, const AxisWindows& ro
     float* grad_key_base = dkp + b * dks.s0 + h * dks.s1;
     float* grad_value_base = dvp + b * dvs.s0 + h * dvs.s1;
     float* bias_grad = grad_rpb != nullptr ? grad_rpb + task * g.rpb_hw : nullptr;
-    for (int64_t i = 0; i < g.height; ++i) {
+    for (const int64_t i : rows.order) {
       const int64_t* row_keys = &rows.keys[i * g.kernel_h];
       const int64_t* row_rel = &rows.rel[i * g.kernel_h];
-      for (int64_t j = 0; j < g.width; ++j) {
+      for (const int64_t j : cols.order) {
         const int64_t first_col = cols.keys[j * g.kernel_w], first_rel = cols.rel[j * g.kernel_w];
         for (int64_t a = 0, n = 0; a < g.kernel_h; ++a) {
           const float* key = key_base + row_keys[a] * ks.s2 + first_col * ks.s3;
