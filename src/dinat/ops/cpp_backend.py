@@ -5,9 +5,10 @@ It is compiled with torch's C++ extension builder the first time it is needed (a
 processes in torch's extension directory) and needs a C++ compiler and ninja; without them, or with
 `DINAT_BUILD_KERNELS=0` in the environment, `can_run` says why and the torch backend runs instead.
 
-Like the torch backend's tiled kernel it is one custom op, `dinat::na2d_cpp`, with its backward registered as
-its autograd formula and fake versions of both, so compiled CPU graphs call it too. Inputs in 16-bit floats
-are computed in float32 and returned in their dtype.
+Like the torch backend's tiled kernel it is a custom op, `dinat::na2d_cpp` (separate q, k, v) or
+`dinat::na2d_cpp_packed` (one packed qkv projection, as DiNAT's layers pass it), each with its backward
+registered as its autograd formula, fake versions for tracing and a FLOP formula, so compiled CPU graphs call it
+too. Inputs in 16-bit floats are computed in float32 and returned in their dtype.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def _build():
         return cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
                                   extra_ldflags=["-fopenmp"]), None
     except Exception as error:  # no compiler, no ninja, a failed build: the torch backend runs instead
-        return None, f"the C++ kernel could not be built: {type(error).__name__}: {str(error).strip()[:300]}"
+        reason = f"the C++ kernel could not be built: {type(error).__name__}: {str(error).strip()[:300]}"
+        logger.warning("%s; neighborhood attention on CPU runs on the slower torch backend", reason)
+        return None, reason
 
 
 def _extension():
