@@ -35,13 +35,18 @@ def _graph_ops(model, pixels) -> list[str]:
 ATTENTION_OPS = [("auto", "dinat.na2d_cpp_packed"), ("torch", "dinat.na2d")]
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused linears need oneDNN")
-@pytest.mark.parametrize("backend, attention_op", ATTENTION_OPS)
-def test_compiled_inference_calls_the_eager_kernels(backend, attention_op):
+def _small_model(backend: str) -> DinatForImageClassification:
+    """The seeded SMALL classifier on `backend`; skips "auto" where the C++ kernel is absent."""
     if backend == "auto" and cpp_backend.unavailable_reason() is not None:
         pytest.skip(cpp_backend.unavailable_reason())
     torch.manual_seed(0)
-    model = DinatForImageClassification(DinatConfig(**SMALL, na_backend=backend)).eval()
+    return DinatForImageClassification(DinatConfig(**SMALL, na_backend=backend))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused linears need oneDNN")
+@pytest.mark.parametrize("backend, attention_op", ATTENTION_OPS)
+def test_compiled_inference_calls_the_eager_kernels(backend, attention_op):
+    model = _small_model(backend).eval()
     with torch.no_grad():
         targets = _graph_ops(model, torch.randn(1, 3, 32, 32))
     layers = sum(SMALL["depths"])
@@ -54,10 +59,7 @@ def test_compiled_inference_calls_the_eager_kernels(backend, attention_op):
 @pytest.mark.parametrize("backend, attention_op", ATTENTION_OPS)
 def test_compiled_training_uses_autograd_ops_for_linears(backend, attention_op):
     # the oneDNN epilogues have no autograd: with gradients the graph holds plain linears (fused by inductor)
-    if backend == "auto" and cpp_backend.unavailable_reason() is not None:
-        pytest.skip(cpp_backend.unavailable_reason())
-    torch.manual_seed(0)
-    model = DinatForImageClassification(DinatConfig(**SMALL, na_backend=backend)).train()
+    model = _small_model(backend).train()
     targets = _graph_ops(model, torch.randn(1, 3, 32, 32))
     assert "dinat.linear_epilogue" not in targets
     assert targets.count(attention_op) == sum(SMALL["depths"])

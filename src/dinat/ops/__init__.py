@@ -71,7 +71,7 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPa
             message says why).
     """
     kernel_size, dilation = _check(q, kernel_size, dilation, rpb, (("key", k), ("value", v)))
-    module = _backend_module(backend, q, (q, k, v, rpb), kernel_size, dilation)
+    module = _backend_module(backend, q, rpb, (q, k, v), kernel_size, dilation)
     return module.na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale)
 
 
@@ -88,8 +88,8 @@ def na2d_packed(qkv: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair =
         backend: "auto" (default) or one of `BACKENDS` to force it; a `use_backend` block overrides it.
 
     Returns:
-        (B, heads, H, W, D) attention output, as `na2d`'s. Backends that take the packed tensor (cpp) return its
-        gradient in the packed layout, without copying it together from three views.
+        (B, heads, H, W, D) attention output, as `na2d`'s. Backends that take the packed tensor (those with their own
+        `na2d_packed`: cpp) return its gradient in the packed layout, without copying it together from three views.
 
     Raises:
         ValueError: as `na2d`, or a tensor that is not (B, H, W, 3, heads, D).
@@ -98,20 +98,23 @@ def na2d_packed(qkv: torch.Tensor, kernel_size: IntOrPair, dilation: IntOrPair =
         raise ValueError(f"expected a packed (batch, height, width, 3, heads, head_dim) tensor, got {tuple(qkv.shape)}")
     q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
     kernel_size, dilation = _check(q, kernel_size, dilation, rpb)
-    module = _backend_module(backend, q, (qkv, rpb), kernel_size, dilation)
-    if module is cpp_backend:
-        return cpp_backend.na2d_packed(qkv, kernel_size, dilation, rpb=rpb, scale=scale)
+    module = _backend_module(backend, q, rpb, (qkv,), kernel_size, dilation)
+    # a backend may take the packed tensor itself (its own `na2d_packed`); the others get its three views
+    packed = getattr(module, "na2d_packed", None)
+    if packed is not None:
+        return packed(qkv, kernel_size, dilation, rpb=rpb, scale=scale)
     return module.na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale)
 
 
-def _backend_module(backend, q, differentiable, kernel_size, dilation):
+def _backend_module(backend, q, rpb, inputs, kernel_size, dilation):
+    """The module of the backend that runs a call on `inputs` (and `rpb`)."""
     if torch.compiler.is_compiling():
         # traced (torch.compile / export): no context variable or logging; the config's choice, else the
         # fastest backend that traces into the graph
         name = dispatch.choose_traced(backend, q)
     else:
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
-        name = dispatch.choose(backend, q, differentiable[-1] is not None, needs_grad, kernel_size, dilation)
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, rpb))
+        name = dispatch.choose(backend, q, rpb is not None, needs_grad, kernel_size, dilation)
     # the modules already imported are used directly: a compiled graph cannot trace importlib
     return {"torch": torch_backend, "cpp": cpp_backend, "flex": flex_backend}.get(name) or dispatch.backend(name)
 
