@@ -216,11 +216,36 @@ def test_dinat_imports_and_runs_without_natten(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=GPU_REASON)
 @pytest.mark.parametrize("has_rpb", [True, False], ids=["rpb", "no_rpb"])
-def test_automatic_choice_on_cuda_prefers_fused_kernels(has_rpb):
+def test_automatic_choice_on_cuda_prefers_natten_then_torch(has_rpb):
     # stated from the installed NATTEN's version, not from the backends' own checks: NATTEN 0.17 runs layers with
-    # and without RPB, NATTEN >= 0.20 only those without; otherwise flex attention (torch >= 2.5, head_dim >= 16)
+    # and without RPB, NATTEN >= 0.20 only those without; otherwise torch (flex only when forced)
     q = torch.zeros(1, 2, 16, 16, 32, device="cuda", dtype=torch.float16)
     version = dispatch.natten_version()
     natten_runs_it = version is not None and version >= (0, 17) and (version < (0, 20) or not has_rpb)
     name = dispatch.choose(None, q, has_rpb=has_rpb, needs_grad=False, kernel_size=(7, 7), dilation=(1, 1))
-    assert name == ("natten" if natten_runs_it else "flex")
+    assert name == ("natten" if natten_runs_it else "torch")
+
+
+@pytest.mark.skipif(not dispatch.flex_available(), reason="this torch has no flex attention")
+def test_flex_block_mask_made_in_inference_mode_is_an_ordinary_tensor():
+    # the mask is cached per shape: one first built during evaluation (inference_mode) is reused by training,
+    # where autograd refuses to save inference tensors
+    from dinat.ops import flex_backend
+
+    flex_backend._block_mask.cache_clear()
+    with torch.inference_mode():
+        mask = flex_backend._block_mask(9, 11, (3, 3), (2, 1), "cpu")
+    tensors = [t for t in vars(mask).values() if isinstance(t, torch.Tensor)]
+    assert tensors and not any(t.is_inference() for t in tensors)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=GPU_REASON)
+def test_flex_model_trains_after_evaluation_on_cuda():
+    model = tiny_model(na_backend="flex", num_heads=[1, 1, 1]).cuda()  # head_dim 16, 32, 64: compiled flex needs >= 16
+    pixels = torch.randn(2, 3, 64, 64, device="cuda")
+    model.eval()
+    with torch.inference_mode():
+        model(pixels)
+    model.train()
+    model(pixels, labels=torch.tensor([0, 1], device="cuda")).loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

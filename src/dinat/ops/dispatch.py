@@ -127,9 +127,11 @@ def choose_traced(requested: str | None, q: torch.Tensor) -> str:
     return "torch"
 
 
-# walked in this order on CUDA. Elsewhere the tiled torch path: NATTEN >= 0.20 runs on CPU through uncompiled flex
-# attention, and eager flex materializes all (H*W)^2 scores
-_PREFERENCE_ON_CUDA = ("natten", "flex")
+# walked in this order on CUDA, then torch. Elsewhere the tiled torch path: NATTEN >= 0.20 runs on CPU through
+# uncompiled flex attention, and eager flex materializes all (H*W)^2 scores. Flex is not chosen on CUDA either: a
+# model's layers need more compiled variants than dynamo keeps (recompile limit 8), and on an H100 DiNAT-mini ran
+# 5x slower with it than with torch (docs/performance.md, "GPU check")
+_PREFERENCE_ON_CUDA = ("natten",)
 
 
 def _automatic(q: torch.Tensor, has_rpb: bool, needs_grad: bool) -> tuple[str, str]:

@@ -81,7 +81,9 @@ def _block_mask(height: int, width: int, kernel_size: Pair, dilation: Pair, devi
 
     mask_mod, _ = _mods(height, width, kernel_size, dilation, None)
     tokens = height * width
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=tokens, KV_LEN=tokens, device=device)
+    # cached across calls: a mask made under inference_mode must still serve a later training step
+    with torch.inference_mode(False):
+        return create_block_mask(mask_mod, B=None, H=None, Q_LEN=tokens, KV_LEN=tokens, device=device)
 
 
 @functools.lru_cache(maxsize=1)
