@@ -362,13 +362,13 @@ bool fast_path(const torch::Tensor& q, int64_t window) {
 // Lanes are up to 16 queries of one row. Per (batch, head), keys and values are copied once into a transposed
 // layout, [row][channel][column] with the columns of each dilation group side by side, so that for one channel
 // the keys of the lanes' windows lie within 32 adjacent floats: two loads and a permute give the key of window
-// column c of every lane (or a single load where the lanes' windows are consecutive), and scores, softmax and
-// the weighted sum of values are vectors over the lanes, without horizontal sums.
+// column c of every lane (even where the lanes' windows are consecutive: unaligned loads that cross a cache line
+// measured twice as slow here), and scores, softmax and the weighted sum of values are vectors over the lanes,
+// without horizontal sums.
 
 struct LaneTile {
   int64_t count;                      // lanes in use
   int64_t base;                       // transposed column of the first lane's first key
-  bool consecutive;                   // lane l's window starts at base + l
   alignas(64) int32_t start[16];      // each lane's window start, relative to base
   alignas(64) int32_t rel[16];        // each lane's RPB column of its window's first key
   int64_t column[16];                 // each lane's query column in the map
@@ -393,11 +393,9 @@ std::vector<LaneTile> lane_tiles(int64_t width, int64_t kernel_w, int64_t dilati
       if (tile.count == 16 || (tile.count > 0 && window_start - tile.base + kernel_w - 1 >= 32)) flush();
       if (tile.count == 0) {
         tile.base = window_start;
-        tile.consecutive = true;
       }
       const int64_t lane = tile.count++;
       tile.start[lane] = static_cast<int32_t>(window_start - tile.base);
-      tile.consecutive = tile.consecutive && tile.start[lane] == lane;
       tile.rel[lane] = static_cast<int32_t>(start - p + kernel_w - 1);
       tile.column[lane] = group + p * dilation;
       position[group + p * dilation] = group_start + p;
@@ -453,41 +451,31 @@ DINAT_AVX512 inline void gather_transposed(const float* const* rows, int64_t dim
 }
 
 // acc[c] = sum_e query_t[e] * (keys of channel e, window column c)
-template <int KernelW, bool Consecutive>
+template <int KernelW>
 DINAT_AVX512 inline void window_row_scores(const float* query_t, const float* keys, int64_t stride, int64_t dim,
                                            const __m512i* index, __m512* acc) {
   for (int c = 0; c < KernelW; ++c) acc[c] = _mm512_setzero_ps();
   for (int64_t e = 0; e < dim; ++e, keys += stride) {
     const __m512 q = _mm512_load_ps(query_t + 16 * e);
-    if (Consecutive) {
-      for (int c = 0; c < KernelW; ++c) acc[c] = _mm512_fmadd_ps(q, _mm512_loadu_ps(keys + c), acc[c]);
-    } else {
-      const __m512 lo = _mm512_loadu_ps(keys), hi = _mm512_loadu_ps(keys + 16);
-      for (int c = 0; c < KernelW; ++c)
-        acc[c] = _mm512_fmadd_ps(q, _mm512_permutex2var_ps(lo, index[c], hi), acc[c]);
-    }
+    const __m512 lo = _mm512_loadu_ps(keys), hi = _mm512_loadu_ps(keys + 16);
+    for (int c = 0; c < KernelW; ++c) acc[c] = _mm512_fmadd_ps(q, _mm512_permutex2var_ps(lo, index[c], hi), acc[c]);
   }
 }
 
 // out_t[e] += sum_c probs[c] * (values of channel e, window column c) for eight channels at once (eight
 // independent sums keep the FMA unit busy)
 constexpr int kValueChannels = 8;
-template <int KernelW, bool Consecutive>
+template <int KernelW>
 DINAT_AVX512 inline void window_row_values(const float* probs, const float* values, int64_t stride,
                                            const __m512i* index, __m512* acc) {
   for (int u = 0; u < kValueChannels; ++u, values += stride) {
-    if (Consecutive) {
-      for (int c = 0; c < KernelW; ++c)
-        acc[u] = _mm512_fmadd_ps(_mm512_load_ps(probs + 16 * c), _mm512_loadu_ps(values + c), acc[u]);
-    } else {
-      const __m512 lo = _mm512_loadu_ps(values), hi = _mm512_loadu_ps(values + 16);
-      for (int c = 0; c < KernelW; ++c)
-        acc[u] = _mm512_fmadd_ps(_mm512_load_ps(probs + 16 * c), _mm512_permutex2var_ps(lo, index[c], hi), acc[u]);
-    }
+    const __m512 lo = _mm512_loadu_ps(values), hi = _mm512_loadu_ps(values + 16);
+    for (int c = 0; c < KernelW; ++c)
+      acc[u] = _mm512_fmadd_ps(_mm512_load_ps(probs + 16 * c), _mm512_permutex2var_ps(lo, index[c], hi), acc[u]);
   }
 }
 
-template <int KernelW, bool Consecutive>
+template <int KernelW>
 DINAT_AVX512 void forward_tile(const Geometry& g, const LaneTile& tile, const int64_t* row_keys, const int64_t* row_rel,
                                const float* keys_t, const float* values_t, int64_t padded_width, const float* bias,
                                const float* query_t, float* scores, float* out_t) {
@@ -501,7 +489,7 @@ DINAT_AVX512 void forward_tile(const Geometry& g, const LaneTile& tile, const in
   __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t a = 0; a < g.kernel_h; ++a) {
     __m512 acc[KernelW];
-    window_row_scores<KernelW, Consecutive>(query_t, keys_t + row_keys[a] * row_stride + tile.base, channel_stride,
+    window_row_scores<KernelW>(query_t, keys_t + row_keys[a] * row_stride + tile.base, channel_stride,
                                             g.dim, index, acc);
     if (bias != nullptr) {  // the RPB row, padded to 32 floats
       const float* bias_row = bias + row_rel[a] * 32;
@@ -527,7 +515,7 @@ DINAT_AVX512 void forward_tile(const Geometry& g, const LaneTile& tile, const in
     __m512 acc[kValueChannels];
     for (int u = 0; u < kValueChannels; ++u) acc[u] = _mm512_setzero_ps();
     for (int64_t a = 0; a < g.kernel_h; ++a)
-      window_row_values<KernelW, Consecutive>(scores + 16 * a * KernelW,
+      window_row_values<KernelW>(scores + 16 * a * KernelW,
                                               values_t + row_keys[a] * row_stride + e * channel_stride + tile.base,
                                               channel_stride, index, acc);
     for (int u = 0; u < kValueChannels; ++u) _mm512_store_ps(out_t + 16 * (e + u), acc[u]);
@@ -593,12 +581,8 @@ DINAT_AVX512 void forward_heads_lanes(const Geometry& g, const AxisWindows& rows
           query_rows[lane] = qp + b * qs.s0 + h * qs.s1 + i * qs.s2 + tile.column[lane] * qs.s3;
         gather_transposed(query_rows, g.dim, scale, query_t, 16);
         const float* bias_h = bp != nullptr ? bias.data() : nullptr;
-        if (tile.consecutive)
-          forward_tile<KernelW, true>(g, tile, row_keys, row_rel, keys_t.data(), values_t.data(), padded_width, bias_h,
-                                      query_t, scores, out_t);
-        else
-          forward_tile<KernelW, false>(g, tile, row_keys, row_rel, keys_t.data(), values_t.data(), padded_width,
-                                       bias_h, query_t, scores, out_t);
+        forward_tile<KernelW>(g, tile, row_keys, row_rel, keys_t.data(), values_t.data(), padded_width, bias_h, query_t,
+                              scores, out_t);
         const __mmask16 used = static_cast<__mmask16>((1u << tile.count) - 1);
         scatter_transposed(out_t, g.dim, tile, op + b * os.s0 + h * os.s1 + i * os.s2, os.s3, used);
         if (pp != nullptr)
