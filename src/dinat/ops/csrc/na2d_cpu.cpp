@@ -255,11 +255,11 @@ DINAT_AVX512 void backward_heads_avx512(const Geometry& g, const AxisWindows& ro
                                         const float* pp, float* dqp, const View5& dqs, float* dkp, const View5& dks,
                                         float* dvp, const View5& dvs, float* grad_rpb, float scale, int64_t begin,
                                         int64_t end) {
-  QueryWindow w;
+  alignas(64) const float* values[kMaxWindow];  // the dot products take pointers; the rest walks window rows
   alignas(64) float grad_scores[kMaxWindow];
   alignas(64) float probs[kMaxWindow];
-  float* grad_keys[kMaxWindow];
-  float* grad_values[kMaxWindow];
+  const int64_t key_step = cols.dilation * ks.s3, value_step = cols.dilation * vs.s3;
+  const int64_t grad_key_step = cols.dilation * dks.s3, grad_value_step = cols.dilation * dvs.s3;
   const int64_t padded = (g.window + 15) / 16 * 16;
   std::fill_n(probs, padded, 0.0f);
   // a window row's RPB gradients are kernel_w adjacent floats: one masked vector add
@@ -278,16 +278,8 @@ DINAT_AVX512 void backward_heads_avx512(const Geometry& g, const AxisWindows& ro
       for (const int64_t j : cols.order) {
         const int64_t first_col = cols.keys[j * g.kernel_w], first_rel = cols.rel[j * g.kernel_w];
         for (int64_t a = 0, n = 0; a < g.kernel_h; ++a) {
-          const float* key = key_base + row_keys[a] * ks.s2 + first_col * ks.s3;
           const float* value = value_base + row_keys[a] * vs.s2 + first_col * vs.s3;
-          float* grad_key = grad_key_base + row_keys[a] * dks.s2 + first_col * dks.s3;
-          float* grad_value = grad_value_base + row_keys[a] * dvs.s2 + first_col * dvs.s3;
-          for (int64_t c = 0; c < g.kernel_w; ++c, ++n) {
-            w.keys[n] = key + c * cols.dilation * ks.s3;
-            w.values[n] = value + c * cols.dilation * vs.s3;
-            grad_keys[n] = grad_key + c * cols.dilation * dks.s3;
-            grad_values[n] = grad_value + c * cols.dilation * dvs.s3;
-          }
+          for (int64_t c = 0; c < g.kernel_w; ++c, ++n, value += value_step) values[n] = value;
         }
         const float* go = gp + b * gs.s0 + h * gs.s1 + i * gs.s2 + j * gs.s3;
         const float* query = qp + b * qs.s0 + h * qs.s1 + i * qs.s2 + j * qs.s3;
@@ -295,7 +287,7 @@ DINAT_AVX512 void backward_heads_avx512(const Geometry& g, const AxisWindows& ro
         __m512 grad_out[Chunks], scaled_query[Chunks];
         load<Chunks>(go, grad_out);
         load<Chunks>(query, scaled_query, scale);
-        dots<Chunks>(grad_out, w.values, g.window, grad_scores);  // grad_p = grad_out . v
+        dots<Chunks>(grad_out, values, g.window, grad_scores);  // grad_p = grad_out . v
         // softmax backward, 16 scores at a time: grad_score = p * (grad_p - sum(p * grad_p))
         __m512 weighted = _mm512_setzero_ps();
         for (int64_t n = 0; n < padded; n += 16)
@@ -317,19 +309,28 @@ DINAT_AVX512 void backward_heads_avx512(const Geometry& g, const AxisWindows& ro
             }
           }
         }
-        // two partial sums of grad_q, so that consecutive keys' FMAs do not wait on each other
+        // two partial sums of grad_q (a window row's keys alternate between them), so that consecutive keys' FMAs
+        // do not wait on each other
         __m512 even[Chunks], odd[Chunks];
         for (int c = 0; c < Chunks; ++c) even[c] = odd[c] = _mm512_setzero_ps();
-        int64_t n = 0;
-        for (; n + 1 < g.window; n += 2) {
-          key_value_gradients<Chunks>(grad_scores[n], probs[n], w.keys[n], grad_keys[n], grad_values[n],
-                                      scaled_query, grad_out, even);
-          key_value_gradients<Chunks>(grad_scores[n + 1], probs[n + 1], w.keys[n + 1], grad_keys[n + 1],
-                                      grad_values[n + 1], scaled_query, grad_out, odd);
+        for (int64_t a = 0; a < g.kernel_h; ++a) {
+          const float* key = key_base + row_keys[a] * ks.s2 + first_col * ks.s3;
+          float* grad_key = grad_key_base + row_keys[a] * dks.s2 + first_col * dks.s3;
+          float* grad_value = grad_value_base + row_keys[a] * dvs.s2 + first_col * dvs.s3;
+          const float* row_scores = grad_scores + a * g.kernel_w;
+          const float* row_probs = probs + a * g.kernel_w;
+          int64_t c = 0;
+          for (; c + 1 < g.kernel_w; c += 2) {
+            key_value_gradients<Chunks>(row_scores[c], row_probs[c], key + c * key_step, grad_key + c * grad_key_step,
+                                        grad_value + c * grad_value_step, scaled_query, grad_out, even);
+            key_value_gradients<Chunks>(row_scores[c + 1], row_probs[c + 1], key + (c + 1) * key_step,
+                                        grad_key + (c + 1) * grad_key_step, grad_value + (c + 1) * grad_value_step,
+                                        scaled_query, grad_out, odd);
+          }
+          if (c < g.kernel_w)
+            key_value_gradients<Chunks>(row_scores[c], row_probs[c], key + c * key_step, grad_key + c * grad_key_step,
+                                        grad_value + c * grad_value_step, scaled_query, grad_out, even);
         }
-        if (n < g.window)
-          key_value_gradients<Chunks>(grad_scores[n], probs[n], w.keys[n], grad_keys[n], grad_values[n],
-                                      scaled_query, grad_out, even);
         __m512 grad_query[Chunks];
         for (int c = 0; c < Chunks; ++c)
           grad_query[c] = _mm512_mul_ps(_mm512_add_ps(even[c], odd[c]), _mm512_set1_ps(scale));
