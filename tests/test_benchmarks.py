@@ -65,3 +65,31 @@ def test_reference_stack_needs_its_own_environment(tmp_path):
     assert result.returncode == 1
     assert "benchmark.py: error: " in result.stderr and "reference" in result.stderr
     assert not (tmp_path / "bench-results").exists()
+
+
+def test_breakdown_sorts_a_tiny_dinats_time_into_kinds_of_op(tmp_path):
+    config_dir = tmp_path / "tiny-dinat"
+    tiny_config(**FOUR_STAGES, num_labels=1000).save_pretrained(config_dir)
+    result = run("breakdown.py", "--model", str(config_dir), "--peers", "", "--batch", "2", "--size", "64",
+                 "--rounds", "1", "--min-run-time", "0.01", "--iterations", "1", "--threads", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| DiNAT")]
+    assert [r[1].strip() for r in rows] == ["inference fp32", "training step fp32"]
+    for row in rows:
+        total = float(row[2])
+        kinds = [float(cell.split("(")[0]) for cell in row[3:]]
+        assert len(kinds) == 5 and abs(sum(kinds) - total) <= 3  # the kinds split the whole (rounded to 1 ms)
+        assert kinds[0] > 0 and kinds[1] > 0  # linear layers and neighborhood attention both ran
+
+
+def test_breakdown_names_the_kind_of_each_op():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from breakdown import category
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert category("dinat::na2d_cpp_packed_backward") == "attention"
+    assert category("mkldnn::_linear_pointwise") == category("aten::addmm") == category("aten::mm") == "linear"
+    assert category("aten::convolution_backward") == category("aten::mkldnn_convolution") == "convolution"
+    assert category("aten::native_layer_norm_backward") == "normalization"
+    assert category("aten::gelu") == "other"

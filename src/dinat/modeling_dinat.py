@@ -265,8 +265,9 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor
     if drop_prob == 0.0 or not training:
         return x
     keep_prob = 1.0 - drop_prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep_prob)
-    return x * mask / keep_prob
+    # the rescale goes into the per-sample mask: one pass over x instead of two
+    scale = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep_prob).div_(keep_prob)
+    return x * scale
 
 
 class DinatDropPath(nn.Module):
