@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -172,3 +173,16 @@ def test_packed_custom_op_passes_opcheck():
     qkv = torch.randn(1, 9, 10, 3, 2, 16, generator=generator)
     rpb = torch.randn(2, 5, 5, generator=generator)
     torch.library.opcheck(torch.ops.dinat.na2d_cpp_packed.default, (qkv, rpb, [3, 3], [2, 3], 0.25, True))
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path):
+    # torch's extension builder waits forever on a lock file whose process was killed mid-build
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / "lock").touch()
+    old = time.time() - 2 * cpp_backend.STALE_LOCK_SECONDS
+    os.utime(stale / "lock", (old, old))
+    assert cpp_backend.remove_stale_lock(stale) and not (stale / "lock").exists()
+    assert not cpp_backend.remove_stale_lock(fresh) and (fresh / "lock").exists()
+    assert not cpp_backend.remove_stale_lock(tmp_path / "missing")

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +33,23 @@ _DTYPES = _COMPUTE_DTYPES + (torch.bfloat16, torch.float16)
 logger = logging.getLogger("dinat.ops")
 
 
+STALE_LOCK_SECONDS = 600  # a build takes about a minute here; a lock this old was left by a killed process
+
+
+def remove_stale_lock(build_directory: Path, max_age: float = STALE_LOCK_SECONDS) -> bool:
+    """Remove the build lock a killed process left behind (torch waits on it forever); True if one was removed."""
+    lock = build_directory / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age:
+        return False
+    logger.warning("removing %s, left %.0f s ago by a build that did not finish", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 @functools.cache
 def _build():
     """(the compiled extension module, None), or (None, why it could not be built); built once per process."""
@@ -42,6 +60,7 @@ def _build():
     name = "dinat_na2d_cpu_" + hashlib.sha256(source).hexdigest()[:12]
     logger.info("building the C++ neighborhood-attention kernel %s (once; cached by torch)", name)
     try:
+        remove_stale_lock(Path(cpp_extension._get_build_directory(name, verbose=False)))
         return cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
                                   extra_ldflags=["-fopenmp"]), None
     except Exception as error:  # no compiler, no ninja, a failed build: the torch backend runs instead
