@@ -67,3 +67,41 @@ def test_bad_options_are_one_line_errors(argv, message, capsys):
     assert main(["bench", *argv]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("dinat bench: error: ") and message in err and "\n" not in err
+
+
+def _tiny_contenders() -> list[bench.Contender]:
+    from transformers import ConvNextConfig, ConvNextForImageClassification, SwinConfig, SwinForImageClassification
+
+    from dinat import DinatConfig, DinatForImageClassification
+
+    dinat = DinatConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], kernel_size=3,
+                        dilations=[[1], [1], [1], [1]], num_labels=1000)
+    convnext = ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], num_labels=1000)
+    swin = SwinConfig(image_size=64, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2,
+                      num_labels=1000)
+    return [bench.Contender("tiny DiNAT", lambda: DinatForImageClassification(dinat), None),
+            bench.Contender("tiny ConvNeXt", lambda: ConvNextForImageClassification(convnext), None),
+            bench.Contender("tiny Swin", lambda: SwinForImageClassification(swin), None)]
+
+
+def test_every_compiled_case_runs_compiled_when_several_models_are_compiled():
+    # transformers' models share one decorated forward, and dynamo's recompile limit on it (8) would make the
+    # later models run eagerly, without an error, and be timed as compiled: each timed call must run a graph
+    calls = []
+
+    def counting_backend(graph, example_inputs):
+        def run(*args):
+            calls.append(1)
+            return graph.forward(*args)
+        return run
+
+    # bench.compile_cases labels images with ImageNet classes
+    contenders, modes = _tiny_contenders(), ["inference fp32", "training step fp32"]
+    with bench.compile_room(len(contenders) * len(modes)):
+        cases = bench.compile_cases(contenders, 2, 64, modes, counting_backend, lambda _: None)
+        compiled = [case for case in cases if case.extra["compiled"]]
+        assert len(compiled) == len(contenders) * len(modes)
+        for case in compiled:
+            before = len(calls)
+            case.fn()
+            assert len(calls) > before, f"{case.model} ({case.mode}) ran eagerly"
