@@ -74,6 +74,7 @@ def _tiny_contenders() -> list[bench.Contender]:
 
     from dinat import DinatConfig, DinatForImageClassification
 
+    # 1000 classes: bench.compile_cases labels its images with ImageNet classes
     dinat = DinatConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], kernel_size=3,
                         dilations=[[1], [1], [1], [1]], num_labels=1000)
     convnext = ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], num_labels=1000)
@@ -95,7 +96,6 @@ def test_every_compiled_case_runs_compiled_when_several_models_are_compiled():
             return graph.forward(*args)
         return run
 
-    # bench.compile_cases labels images with ImageNet classes
     contenders, modes = _tiny_contenders(), ["inference fp32", "training step fp32"]
     with bench.compile_room(len(contenders) * len(modes)):
         cases = bench.compile_cases(contenders, 2, 64, modes, counting_backend, lambda _: None)

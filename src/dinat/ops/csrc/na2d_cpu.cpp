@@ -490,8 +490,8 @@ DINAT_AVX512 void forward_tile(const Geometry& g, const LaneTile& tile, const in
   __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t a = 0; a < g.kernel_h; ++a) {
     __m512 acc[KernelW];
-    window_row_scores<KernelW>(query_t, keys_t + row_keys[a] * row_stride + tile.base, channel_stride,
-                                            g.dim, index, acc);
+    window_row_scores<KernelW>(query_t, keys_t + row_keys[a] * row_stride + tile.base, channel_stride, g.dim, index,
+                               acc);
     if (bias != nullptr) {  // the RPB row, padded to 32 floats
       const float* bias_row = bias + row_rel[a] * 32;
       const __m512 lo = _mm512_loadu_ps(bias_row), hi = _mm512_loadu_ps(bias_row + 16);
@@ -517,8 +517,8 @@ DINAT_AVX512 void forward_tile(const Geometry& g, const LaneTile& tile, const in
     for (int u = 0; u < kValueChannels; ++u) acc[u] = _mm512_setzero_ps();
     for (int64_t a = 0; a < g.kernel_h; ++a)
       window_row_values<KernelW>(scores + 16 * a * KernelW,
-                                              values_t + row_keys[a] * row_stride + e * channel_stride + tile.base,
-                                              channel_stride, index, acc);
+                                 values_t + row_keys[a] * row_stride + e * channel_stride + tile.base, channel_stride,
+                                 index, acc);
     for (int u = 0; u < kValueChannels; ++u) _mm512_store_ps(out_t + 16 * (e + u), acc[u]);
   }
 }
