@@ -1,6 +1,7 @@
 """The C++ CPU kernel (`dinat.ops.cpp_backend`): it builds on this machine, agrees with the reference tester on
-each of its code paths (float32 on AVX-512: 16 queries per vector for kernel widths 3..13, one query per vector
-for other windows up to 256 keys and the backward; plain loops for everything else), reads strided views and
+each of its code paths (float32 on AVX-512: dense products per dilation group where a group is one window,
+16 queries per vector for kernel widths 3..13, one query per vector for other windows up to 256 keys and the
+backward; plain loops for everything else), reads strided views and
 the packed qkv projection in place, and is what the dispatcher picks on CPU, unless it cannot be built, in which
 case the torch backend runs and forcing cpp says why."""
 
@@ -38,6 +39,13 @@ VECTOR_CASES = [
     NACase(15, 17, 15, 1, 1, 1, 16),   # 225 keys: one query per vector (kernel width above 13)
     NACase(9, 10, 1, 1, 1, 2, 16),     # a single key
 ]
+# each dilation group exactly one window (length == kernel * dilation): dense products per group
+GROUP_CASES = [
+    NACase(14, 14, 7, 2, 2, 2, 32),    # DiNAT's dilated layers at 224x224: 49 keys, four vectors per score row
+    NACase(7, 7, 7, 1, 3, 3, 64),      # its last stage: the map is one window
+    NACase(15, 15, 5, 3, 1, 2, 48),    # 25 keys: two vectors
+    NACase(9, 9, 3, 3, 2, 1, 16),      # 9 keys: one vector
+]
 LOOP_CASES = [
     NACase(12, 13, 5, 2, 2, 2, 8),     # head_dim not a multiple of 16
     NACase(11, 11, 3, 3, 1, 3, 80),    # head_dim above 64
@@ -53,7 +61,7 @@ def _kernel():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("use_rpb", [True, False], ids=["rpb", "no_rpb"])
-@pytest.mark.parametrize("case", VECTOR_CASES + LOOP_CASES, ids=str)
+@pytest.mark.parametrize("case", VECTOR_CASES + GROUP_CASES + LOOP_CASES, ids=str)
 def test_kernel_matches_reference_forward_and_backward(case, use_rpb, dtype):
     reference_run(case, use_rpb, seed=3).check_backend("cpp", dtype, backward=True)
 

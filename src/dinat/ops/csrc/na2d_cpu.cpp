@@ -4,10 +4,12 @@
 // softmax and the weighted sum of values follow at once. q, k, v and the output may have any strides as long as
 // head_dim is contiguous, so the views of a packed qkv projection are read in place and the output is written in
 // the layout the output projection reads. The window rule (docs/semantics.md, dinat/ops/plan.py) is computed
-// once per call, per axis. Three code paths, each checked against the reference by tests/test_cpp_backend.py:
-//   - float32 forward on AVX-512 CPUs, head_dim 16/32/48/64, kernel width 3..13: 16 queries per vector
-//     (`forward_heads_lanes`);
-//   - the other float32 calls on AVX-512 CPUs with such a head_dim and at most 256 keys, and the backward:
+// once per call, per axis. Four code paths, each checked against the reference by tests/test_cpp_backend.py:
+//   - float32 forward and backward on AVX-512 CPUs, head_dim 16/32/48/64, where each dilation group is exactly one
+//     window of at most 64 keys: dense products per group (`forward_groups`, `backward_groups`);
+//   - the other float32 forwards on AVX-512 CPUs with such a head_dim and kernel width 3..13: 16 queries per
+//     vector (`forward_heads_lanes`);
+//   - the other float32 calls on AVX-512 CPUs with such a head_dim and at most 256 keys, and other backwards:
 //     one query at a time, its keys' dot products summed 16 at a time (`forward_rows_avx512`,
 //     `backward_heads_avx512`);
 //   - everything else (float64, other head_dims, CPUs without AVX-512): plain loops.
@@ -607,6 +609,324 @@ bool with_kernel_width(int64_t kernel_w, Fn&& fn) {
   }
 }
 
+// ---- float32 on AVX-512 where each dilation group is exactly one window ------------------------------------
+// When height == kernel_h * dil_h and width == kernel_w * dil_w, every query of a dilation group sees the whole
+// group (at 224x224: all of DiNAT's dilated layers, and every layer of the last stage). Attention within a group
+// is then dense, (window x head_dim) by (head_dim x window), and runs as small register-blocked matrix products
+// on copies in L1, a few times faster than one window per query. Same arithmetic, summed in another order.
+
+constexpr int64_t kMaxGroupWindow = 64;  // at most four vectors per score row
+
+bool whole_groups(const Geometry& g, int64_t dil_h, int64_t dil_w) {
+  return g.height == g.kernel_h * dil_h && g.width == g.kernel_w * dil_w && g.window <= kMaxGroupWindow;
+}
+
+// rows of a register tile: Width accumulators per row, at most 28 of the 32 vector registers
+template <int Width>
+constexpr int kTileRows = Width == 4 ? 6 : 7;
+
+// c[r][:] = init[r][:] (or 0) + sum_e a[r * lda + e] * b[e][:] for Rows rows; b, c and init rows are Width vectors
+template <int Width, int Rows>
+DINAT_AVX512 inline void panel_tile(const float* a, int64_t lda, const float* b, int64_t depth, const float* init,
+                                   float* c) {
+  constexpr int64_t ld = 16 * Width;
+  __m512 acc[Rows][Width];
+  for (int r = 0; r < Rows; ++r)
+    for (int j = 0; j < Width; ++j)
+      acc[r][j] = init != nullptr ? _mm512_load_ps(init + r * ld + 16 * j) : _mm512_setzero_ps();
+  for (int64_t e = 0; e < depth; ++e) {
+    __m512 row[Width];
+    for (int j = 0; j < Width; ++j) row[j] = _mm512_load_ps(b + e * ld + 16 * j);
+    for (int r = 0; r < Rows; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r * lda + e]);
+      for (int j = 0; j < Width; ++j) acc[r][j] = _mm512_fmadd_ps(x, row[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int j = 0; j < Width; ++j) _mm512_store_ps(c + r * ld + 16 * j, acc[r][j]);
+}
+
+// out[r][:] = alpha * sum_n a[r * lda + n] * b[n][:] for Rows rows; b rows are Width vectors, out rows anywhere
+template <int Width, int Rows>
+DINAT_AVX512 inline void rows_tile(const float* a, int64_t lda, const float* b, int64_t depth, float alpha,
+                                  float* const* out) {
+  constexpr int64_t ld = 16 * Width;
+  __m512 acc[Rows][Width];
+  for (int r = 0; r < Rows; ++r)
+    for (int j = 0; j < Width; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t n = 0; n < depth; ++n) {
+    __m512 row[Width];
+    for (int j = 0; j < Width; ++j) row[j] = _mm512_load_ps(b + n * ld + 16 * j);
+    for (int r = 0; r < Rows; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r * lda + n]);
+      for (int j = 0; j < Width; ++j) acc[r][j] = _mm512_fmadd_ps(x, row[j], acc[r][j]);
+    }
+  }
+  const __m512 factor = _mm512_set1_ps(alpha);
+  for (int r = 0; r < Rows; ++r)
+    for (int j = 0; j < Width; ++j) _mm512_storeu_ps(out[r] + 16 * j, _mm512_mul_ps(acc[r][j], factor));
+}
+
+// calls tile(integral_constant<Rows>, first_row) over `rows` rows in tiles of kTileRows<Width>
+template <int Width, typename Fn>
+DINAT_AVX512 inline void over_tiles(int64_t rows, Fn&& tile) {
+  constexpr int full = kTileRows<Width>;
+  int64_t r = 0;
+  for (; r + full <= rows; r += full) tile(std::integral_constant<int, full>(), r);
+  switch (rows - r) {
+    case 1: tile(std::integral_constant<int, 1>(), r); break;
+    case 2: tile(std::integral_constant<int, 2>(), r); break;
+    case 3: tile(std::integral_constant<int, 3>(), r); break;
+    case 4: tile(std::integral_constant<int, 4>(), r); break;
+    case 5: tile(std::integral_constant<int, 5>(), r); break;
+    case 6: tile(std::integral_constant<int, 6>(), r); break;
+    default: break;
+  }
+}
+
+template <int Width>
+DINAT_AVX512 void panel_product(const float* a, int64_t lda, int64_t rows, const float* b, int64_t depth,
+                                const float* init, float* c) {
+  constexpr int64_t ld = 16 * Width;
+  over_tiles<Width>(rows, [&](auto tile_rows, int64_t r) {
+    panel_tile<Width, decltype(tile_rows)::value>(a + r * lda, lda, b, depth, init != nullptr ? init + r * ld : nullptr,
+                                                  c + r * ld);
+  });
+}
+
+template <int Width>
+DINAT_AVX512 void rows_product(const float* a, int64_t lda, int64_t rows, const float* b, int64_t depth, float alpha,
+                               float* const* out) {
+  over_tiles<Width>(rows, [&](auto tile_rows, int64_t r) {
+    rows_tile<Width, decltype(tile_rows)::value>(a + r * lda, lda, b, depth, alpha, out + r);
+  });
+}
+
+// a (rows x 16 * Blocks) matrix -> its transpose, both with row stride 16 * Blocks, 16x16 blocks in registers
+template <int Blocks>
+DINAT_AVX512 void transpose_square(const float* in, float* out) {
+  constexpr int64_t ld = 16 * Blocks;
+  for (int bi = 0; bi < Blocks; ++bi)
+    for (int bj = 0; bj < Blocks; ++bj) {
+      __m512 m[16];
+      for (int l = 0; l < 16; ++l) m[l] = _mm512_load_ps(in + (16 * bi + l) * ld + 16 * bj);
+      transpose16(m);
+      for (int l = 0; l < 16; ++l) _mm512_store_ps(out + (16 * bj + l) * ld + 16 * bi, m[l]);
+    }
+}
+
+// each group's token positions (row-major over the group, as the window's keys are ordered) and RPB biases
+struct GroupLayout {
+  int64_t groups;
+  std::vector<int64_t> offset_y, offset_x;  // token t of group (gy, gx) is at (offset_y[t] + gy, offset_x[t] + gx)
+  GroupLayout(const Geometry& g, int64_t dil_h, int64_t dil_w) : groups(dil_h * dil_w) {
+    for (int64_t t = 0; t < g.window; ++t) {
+      offset_y.push_back(t / g.kernel_w * dil_h);
+      offset_x.push_back(t % g.kernel_w * dil_w);
+    }
+  }
+};
+
+// `count` floats set to `fill`, 64-byte aligned, from a buffer of the calling thread kept across calls (one per
+// slot): fresh allocations of this size would be mapped and page-faulted anew on every call
+float* thread_buffer(int slot, int64_t count, float fill) {
+  thread_local std::vector<float> storage[2];
+  std::vector<float>& buffer = storage[slot];
+  if (static_cast<int64_t>(buffer.size()) < count + 16) buffer.resize(count + 16);
+  float* data = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
+  std::fill_n(data, count, fill);
+  return data;
+}
+
+// fn(r, n, rel) for every query r and key n of a group (row-major over the group) and their RPB index
+template <typename Fn>
+void for_query_key_pairs(const Geometry& g, Fn&& fn) {
+  for (int64_t qa = 0, r = 0; qa < g.kernel_h; ++qa)
+    for (int64_t qc = 0; qc < g.kernel_w; ++qc, ++r)
+      for (int64_t ka = 0, n = 0; ka < g.kernel_h; ++ka) {
+        const int64_t rel_row = (ka - qa + g.kernel_h - 1) * g.rpb_w + g.kernel_w - 1 - qc;
+        for (int64_t kc = 0; kc < g.kernel_w; ++kc, ++n) fn(r, n, rel_row + kc);
+      }
+}
+
+// bias[h][r][n]: the RPB of query r and key n of a group (0 without RPB), -inf for the padding keys n >= window
+const float* group_bias(const Geometry& g, const float* bp, int64_t padded) {
+  float* bias = thread_buffer(0, g.heads * g.window * padded, -std::numeric_limits<float>::infinity());
+  for (int64_t h = 0; h < g.heads; ++h)
+    for_query_key_pairs(g, [&](int64_t r, int64_t n, int64_t rel) {
+      bias[(h * g.window + r) * padded + n] = bp != nullptr ? bp[h * g.rpb_hw + rel] : 0.0f;
+    });
+  return bias;
+}
+
+// zero-filled scratch of a worker thread: `count` matrices of 64 x 64 floats
+struct Scratch {
+  float* data;
+  explicit Scratch(int count) : data(thread_buffer(1, count * kMaxGroupWindow * kMaxGroupWindow, 0.0f)) {}
+  float* operator[](int i) { return data + i * kMaxGroupWindow * kMaxGroupWindow; }
+};
+
+// rows[t] of the group (dim floats each) -> out: row-major [t][dim] (times scale)
+template <int Chunks>
+DINAT_AVX512 inline void gather_rows(const float* const* rows, int64_t count, float scale, float* out) {
+  const __m512 factor = _mm512_set1_ps(scale);
+  for (int64_t t = 0; t < count; ++t)
+    for (int c = 0; c < Chunks; ++c)
+      _mm512_store_ps(out + t * 16 * Chunks + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(rows[t] + 16 * c), factor));
+}
+
+// rows[t] -> out[e][t] (row stride 16 * Width), columns t >= count zero
+template <int Width>
+DINAT_AVX512 inline void gather_columns(const float* const* rows, int64_t count, int64_t dim, const float* zeros,
+                                        float* out) {
+  for (int64_t first = 0; first < 16 * Width; first += 16) {
+    const float* block[16];
+    for (int l = 0; l < 16; ++l) block[l] = first + l < count ? rows[first + l] : zeros;
+    gather_transposed(block, dim, 1.0f, out + first, 16 * Width);
+  }
+}
+
+inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+
+template <int Width, int Chunks>
+DINAT_AVX512 void forward_groups(const Geometry& g, const GroupLayout& layout, int64_t dil_w, const float* qp,
+                                 const View5& qs, const float* kp, const View5& ks, const float* vp, const View5& vs,
+                                 const float* bias, float* op, const View5& os, float* pp, float scale, int64_t begin,
+                                 int64_t end) {
+  constexpr int64_t padded = 16 * Width, dim = 16 * Chunks;
+  Scratch scratch(4);
+  float *query = scratch[0], *keys_t = scratch[1], *values = scratch[2], *probs = scratch[3];
+  const float zeros[64] = {};
+  const float *query_rows[kMaxGroupWindow], *key_rows[kMaxGroupWindow], *value_rows[kMaxGroupWindow];
+  float* out_rows[kMaxGroupWindow];
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / g.heads, h = task % g.heads;
+    const float* bias_h = bias + h * g.window * padded;
+    for (int64_t group = 0; group < layout.groups; ++group) {
+      const int64_t gy = group / dil_w, gx = group % dil_w;
+      for (int64_t t = 0; t < g.window; ++t) {
+        const int64_t y = layout.offset_y[t] + gy, x = layout.offset_x[t] + gx;
+        query_rows[t] = qp + b * qs.s0 + h * qs.s1 + y * qs.s2 + x * qs.s3;
+        key_rows[t] = kp + b * ks.s0 + h * ks.s1 + y * ks.s2 + x * ks.s3;
+        value_rows[t] = vp + b * vs.s0 + h * vs.s1 + y * vs.s2 + x * vs.s3;
+        out_rows[t] = op + b * os.s0 + h * os.s1 + y * os.s2 + x * os.s3;
+      }
+      // the next group's tokens are scattered over the map and past this core's cache: fetch them meanwhile
+      const int64_t next_task = group + 1 < layout.groups ? task : task + 1;
+      if (next_task < end) {
+        const int64_t next = group + 1 < layout.groups ? group + 1 : 0;
+        const int64_t nb = next_task / g.heads, nh = next_task % g.heads, ny = next / dil_w, nx = next % dil_w;
+        for (int64_t t = 0; t < g.window; ++t) {
+          const int64_t y = layout.offset_y[t] + ny, x = layout.offset_x[t] + nx;
+          for (int c = 0; c < Chunks; ++c) {
+            prefetch(qp + nb * qs.s0 + nh * qs.s1 + y * qs.s2 + x * qs.s3 + 16 * c);
+            prefetch(kp + nb * ks.s0 + nh * ks.s1 + y * ks.s2 + x * ks.s3 + 16 * c);
+            prefetch(vp + nb * vs.s0 + nh * vs.s1 + y * vs.s2 + x * vs.s3 + 16 * c);
+          }
+        }
+      }
+      gather_rows<Chunks>(query_rows, g.window, scale, query);
+      gather_columns<Width>(key_rows, g.window, dim, zeros, keys_t);
+      gather_rows<Chunks>(value_rows, g.window, 1.0f, values);
+      panel_product<Width>(query, dim, g.window, keys_t, dim, bias_h, probs);  // scores + bias
+      for (int64_t r = 0; r < g.window; ++r) {
+        float* row = probs + r * padded;
+        __m512 s[Width], top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        for (int j = 0; j < Width; ++j) top = _mm512_max_ps(top, s[j] = _mm512_load_ps(row + 16 * j));
+        const __m512 maximum = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+        __m512 total = _mm512_setzero_ps();
+        for (int j = 0; j < Width; ++j) {
+          s[j] = exp_nonpositive(_mm512_sub_ps(s[j], maximum));
+          total = _mm512_add_ps(total, s[j]);
+        }
+        const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+        for (int j = 0; j < Width; ++j) _mm512_store_ps(row + 16 * j, _mm512_mul_ps(s[j], inverse));
+        if (pp != nullptr) {
+          const int64_t y = layout.offset_y[r] + gy, x = layout.offset_x[r] + gx;
+          std::copy_n(row, g.window, pp + (((b * g.heads + h) * g.height + y) * g.width + x) * g.window);
+        }
+      }
+      rows_product<Chunks>(probs, padded, g.window, values, g.window, 1.0f, out_rows);
+    }
+  }
+}
+
+template <int Width, int Chunks>
+DINAT_AVX512 void backward_groups(const Geometry& g, const GroupLayout& layout, int64_t dil_w, const float* gp,
+                                  const View5& gs, const float* qp, const View5& qs, const float* kp, const View5& ks,
+                                  const float* vp, const View5& vs, const float* pp, float* dqp, const View5& dqs,
+                                  float* dkp, const View5& dks, float* dvp, const View5& dvs, float* grad_rpb,
+                                  float scale, int64_t begin, int64_t end) {
+  constexpr int64_t padded = 16 * Width, dim = 16 * Chunks;
+  Scratch scratch(9);
+  float *grad_out = scratch[0], *values_t = scratch[1], *keys = scratch[2], *queries = scratch[3];
+  float *probs = scratch[4], *grad_scores = scratch[5], *grad_scores_t = scratch[6], *probs_t = scratch[7];
+  float* bias_sum = scratch[8];
+  const float zeros[64] = {};
+  const float *go_rows[kMaxGroupWindow], *q_rows[kMaxGroupWindow], *k_rows[kMaxGroupWindow], *v_rows[kMaxGroupWindow];
+  float *dq_rows[kMaxGroupWindow], *dk_rows[kMaxGroupWindow], *dv_rows[kMaxGroupWindow];
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / g.heads, h = task % g.heads;
+    if (grad_rpb != nullptr) std::fill_n(bias_sum, g.window * padded, 0.0f);
+    for (int64_t group = 0; group < layout.groups; ++group) {
+      const int64_t gy = group / dil_w, gx = group % dil_w;
+      for (int64_t t = 0; t < g.window; ++t) {
+        const int64_t y = layout.offset_y[t] + gy, x = layout.offset_x[t] + gx;
+        go_rows[t] = gp + b * gs.s0 + h * gs.s1 + y * gs.s2 + x * gs.s3;
+        q_rows[t] = qp + b * qs.s0 + h * qs.s1 + y * qs.s2 + x * qs.s3;
+        k_rows[t] = kp + b * ks.s0 + h * ks.s1 + y * ks.s2 + x * ks.s3;
+        v_rows[t] = vp + b * vs.s0 + h * vs.s1 + y * vs.s2 + x * vs.s3;
+        dq_rows[t] = dqp + b * dqs.s0 + h * dqs.s1 + y * dqs.s2 + x * dqs.s3;
+        dk_rows[t] = dkp + b * dks.s0 + h * dks.s1 + y * dks.s2 + x * dks.s3;
+        dv_rows[t] = dvp + b * dvs.s0 + h * dvs.s1 + y * dvs.s2 + x * dvs.s3;
+        std::copy_n(pp + (((b * g.heads + h) * g.height + y) * g.width + x) * g.window, g.window, probs + t * padded);
+      }
+      gather_rows<Chunks>(go_rows, g.window, 1.0f, grad_out);
+      gather_rows<Chunks>(q_rows, g.window, 1.0f, queries);
+      gather_rows<Chunks>(k_rows, g.window, 1.0f, keys);
+      gather_columns<Width>(v_rows, g.window, dim, zeros, values_t);
+      panel_product<Width>(grad_out, dim, g.window, values_t, dim, nullptr, grad_scores);  // grad_p = grad_out . v
+      // softmax backward: grad_score = p * (grad_p - sum(p * grad_p)); padding keys have p = 0
+      for (int64_t r = 0; r < g.window; ++r) {
+        float* ds = grad_scores + r * padded;
+        const float* p = probs + r * padded;
+        __m512 weighted = _mm512_setzero_ps();
+        for (int j = 0; j < Width; ++j)
+          weighted = _mm512_fmadd_ps(_mm512_load_ps(p + 16 * j), _mm512_load_ps(ds + 16 * j), weighted);
+        const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(weighted));
+        for (int j = 0; j < Width; ++j) {
+          const __m512 d = _mm512_mul_ps(_mm512_load_ps(p + 16 * j), _mm512_sub_ps(_mm512_load_ps(ds + 16 * j), total));
+          _mm512_store_ps(ds + 16 * j, d);
+          float* sum = bias_sum + r * padded + 16 * j;
+          if (grad_rpb != nullptr) _mm512_store_ps(sum, _mm512_add_ps(_mm512_load_ps(sum), d));
+        }
+      }
+      rows_product<Chunks>(grad_scores, padded, g.window, keys, g.window, scale, dq_rows);
+      transpose_square<Width>(grad_scores, grad_scores_t);
+      transpose_square<Width>(probs, probs_t);
+      rows_product<Chunks>(grad_scores_t, padded, g.window, queries, g.window, scale, dk_rows);
+      rows_product<Chunks>(probs_t, padded, g.window, grad_out, g.window, 1.0f, dv_rows);
+    }
+    if (grad_rpb != nullptr) {
+      float* bias_grad = grad_rpb + task * g.rpb_hw;
+      for_query_key_pairs(g, [&](int64_t r, int64_t n, int64_t rel) { bias_grad[rel] += bias_sum[r * padded + n]; });
+    }
+  }
+}
+
+template <typename Fn>
+void with_group_widths(int64_t window, int64_t dim, Fn&& fn) {
+  const int64_t width = (window + 15) / 16;
+  with_chunks(dim, [&](auto chunks) {
+    switch (width) {
+      case 1: fn(std::integral_constant<int, 1>(), chunks); break;
+      case 2: fn(std::integral_constant<int, 2>(), chunks); break;
+      case 3: fn(std::integral_constant<int, 3>(), chunks); break;
+      default: fn(std::integral_constant<int, 4>(), chunks); break;
+    }
+  });
+}
+
 // ---- any floating dtype, any head_dim: plain loops -------------------------------------------------------
 
 template <typename T>
@@ -766,6 +1086,18 @@ std::vector<torch::Tensor> forward(const torch::Tensor& q, const torch::Tensor& 
     const View5 qs(q), ks(k), vs(v), os(out);
     const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     float* pp = keep_probabilities ? probs.data_ptr<float>() : nullptr;
+    if (whole_groups(g, dil_h, dil_w)) {
+      const GroupLayout layout(g, dil_h, dil_w);
+      with_group_widths(g.window, g.dim, [&](auto width, auto chunks) {
+        const float* group_biases = group_bias(g, bp, 16 * decltype(width)::value);
+        at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
+          forward_groups<decltype(width)::value, decltype(chunks)::value>(
+              g, layout, dil_w, q.data_ptr<float>(), qs, k.data_ptr<float>(), ks, v.data_ptr<float>(), vs,
+              group_biases, out.data_ptr<float>(), os, pp, static_cast<float>(scale), begin, end);
+        });
+      });
+      return {out, probs};
+    }
     std::vector<int64_t> position;
     const std::vector<LaneTile> tiles = lane_tiles(g.width, kernel_w, dil_w, position);
     const bool lanes = with_kernel_width(kernel_w, [&](auto width) {
@@ -802,12 +1134,30 @@ std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::
   const int64_t batch = q.size(0), heads = q.size(1), height = q.size(2), width = q.size(3), dim = q.size(4);
   TORCH_CHECK(probs.is_contiguous() && probs.numel() == batch * heads * height * width * kernel_h * kernel_w,
               "na2d_cpu: probabilities of the forward call are needed");
-  auto grad_qkv = torch::zeros({batch, height, width, 3, heads, dim}, q.options()).permute({3, 0, 4, 1, 2, 5});
+  const Geometry g(q, kernel_h, kernel_w);
+  const bool groups = fast_path(q, g.window) && whole_groups(g, dil_h, dil_w);
+  // the per-query paths add into the key and value gradients; the group path writes every element once
+  auto grad_qkv = (groups ? torch::empty({batch, height, width, 3, heads, dim}, q.options())
+                          : torch::zeros({batch, height, width, 3, heads, dim}, q.options()))
+                      .permute({3, 0, 4, 1, 2, 5});
   auto grad_q = grad_qkv[0], grad_k = grad_qkv[1], grad_v = grad_qkv[2];
   auto partial_rpb = want_rpb ? torch::zeros({batch, heads, 2 * kernel_h - 1, 2 * kernel_w - 1}, q.options())
                               : torch::empty({0}, q.options());
+  if (groups) {
+    const View5 gs(grad_out), qs(q), ks(k), vs(v), dqs(grad_q), dks(grad_k), dvs(grad_v);
+    float* rp = want_rpb ? partial_rpb.data_ptr<float>() : nullptr;
+    const GroupLayout layout(g, dil_h, dil_w);
+    with_group_widths(g.window, g.dim, [&](auto width, auto chunks) {
+      at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
+        backward_groups<decltype(width)::value, decltype(chunks)::value>(
+            g, layout, dil_w, grad_out.data_ptr<float>(), gs, q.data_ptr<float>(), qs, k.data_ptr<float>(), ks,
+            v.data_ptr<float>(), vs, probs.data_ptr<float>(), grad_q.data_ptr<float>(), dqs, grad_k.data_ptr<float>(),
+            dks, grad_v.data_ptr<float>(), dvs, rp, static_cast<float>(scale), begin, end);
+      });
+    });
+    return {grad_qkv, want_rpb ? partial_rpb.sum(0) : partial_rpb};
+  }
   if (fast_path(q, kernel_h * kernel_w)) {
-    const Geometry g(q, kernel_h, kernel_w);
     const AxisWindows rows(g.height, kernel_h, dil_h), cols(g.width, kernel_w, dil_w);
     const View5 gs(grad_out), qs(q), ks(k), vs(v), dqs(grad_q), dks(grad_k), dvs(grad_v);
     float* rp = want_rpb ? partial_rpb.data_ptr<float>() : nullptr;
