@@ -145,7 +145,7 @@ def test_a_failed_build_falls_back_to_torch_with_the_reason(tmp_path):
     script = textwrap.dedent(f"""
         import torch
         from dinat.ops import cpp_backend, dispatch
-        cpp_backend.SOURCE = __import__("pathlib").Path({str(broken)!r})
+        cpp_backend.SOURCES = (__import__("pathlib").Path({str(broken)!r}),)
         reason = cpp_backend.unavailable_reason()
         assert reason is not None and "could not be built" in reason, reason
         q = torch.randn(1, 2, 14, 14, 32)

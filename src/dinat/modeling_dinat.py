@@ -91,6 +91,15 @@ class DinatImageClassifierOutput(ModelOutput):
 # -------------------------------------------------------------------------------------------------
 # Embeddings and downsampling
 # -------------------------------------------------------------------------------------------------
+class DinatLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and keys) over the last dimension, on the C++ row kernel for CPU inference."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if len(self.normalized_shape) != 1:
+            return super().forward(hidden_states)
+        return ops.layer_norm(hidden_states, self.weight, self.bias, self.eps)
+
+
 class DinatPatchEmbeddings(nn.Module):
     """Two stride-2 3x3 convs: (B, 3, H, W) -> (B, H/4, W/4, embed_dim) (sizes rounded up)."""
 
@@ -114,7 +123,7 @@ class DinatEmbeddings(nn.Module):
     def __init__(self, config: DinatConfig):
         super().__init__()
         self.patch_embeddings = DinatPatchEmbeddings(config)
-        self.norm = nn.LayerNorm(config.embed_dim)
+        self.norm = DinatLayerNorm(config.embed_dim)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -130,7 +139,7 @@ class DinatDownsampler(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.reduction = nn.Conv2d(dim, 2 * dim, kernel_size=3, stride=2, padding=1, bias=False)
-        self.norm = nn.LayerNorm(2 * dim)
+        self.norm = DinatLayerNorm(2 * dim)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.reduction(hidden_states.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -293,10 +302,10 @@ class DinatLayer(GradientCheckpointingLayer):
     def __init__(self, config: DinatConfig, dim: int, num_heads: int, dilation: int, drop_path_rate: float = 0.0):
         super().__init__()
         self.window_size = config.kernel_size * dilation
-        self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.layernorm_before = DinatLayerNorm(dim, eps=config.layer_norm_eps)
         self.attention = NeighborhoodAttentionModule(config, dim, num_heads, config.kernel_size, dilation)
         self.drop_path = DinatDropPath(drop_path_rate)
-        self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.layernorm_after = DinatLayerNorm(dim, eps=config.layer_norm_eps)
         self.intermediate = DinatIntermediate(config, dim)
         self.output = DinatOutput(config, dim)
         self.layer_scale_parameters = (
@@ -601,7 +610,7 @@ class DinatModel(DinatPreTrainedModel):
         self.num_features = config.stage_widths[-1]
         self.embeddings = DinatEmbeddings(config)
         self.encoder = DinatEncoder(config)
-        self.layernorm = nn.LayerNorm(self.num_features, eps=config.layer_norm_eps)
+        self.layernorm = DinatLayerNorm(self.num_features, eps=config.layer_norm_eps)
         self.add_pooling_layer = add_pooling_layer
         self.post_init()
 
@@ -767,7 +776,7 @@ class DinatBackbone(BackboneMixin, DinatPreTrainedModel):
         self.encoder = DinatEncoder(config)
         self.num_features = [config.embed_dim, *config.stage_widths]  # per name in stage_names
         self.hidden_states_norms = nn.ModuleDict(
-            {stage: nn.LayerNorm(channels) for stage, channels in zip(self.out_features, self.channels)})
+            {stage: DinatLayerNorm(channels) for stage, channels in zip(self.out_features, self.channels)})
         self.post_init()
 
     def get_input_embeddings(self) -> DinatPatchEmbeddings:

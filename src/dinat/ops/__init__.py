@@ -13,6 +13,7 @@ import torch
 
 from . import cpp_backend, dispatch, flex_backend, torch_backend, unfused
 from .dispatch import BACKENDS, use_backend
+from .layer_norm import layer_norm
 from .linear import linear
 from .plan import check_can_run
 
@@ -157,4 +158,4 @@ def na2d_av(weights: torch.Tensor, v: torch.Tensor, kernel_size: IntOrPair, dila
     return unfused.na2d_av(weights, v, kernel_size, dilation)
 
 
-__all__ = ["na2d", "na2d_packed", "na2d_qk", "na2d_av", "use_backend", "BACKENDS", "linear"]
+__all__ = ["na2d", "na2d_packed", "na2d_qk", "na2d_av", "use_backend", "BACKENDS", "linear", "layer_norm"]

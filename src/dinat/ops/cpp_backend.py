@@ -1,7 +1,8 @@
 """The cpp backend: a C++ CPU kernel (`csrc/na2d_cpu.cpp`) that reads each query's keys in place, with AVX-512
 vector code where the CPU has it; the default on CPU where it builds.
 
-It is compiled with torch's C++ extension builder the first time it is needed (about a minute; cached across
+It is compiled, with the inference LayerNorm kernel of `layer_norm.py` in the same extension module, by torch's C++
+extension builder the first time it is needed (about a minute; cached across
 processes in torch's extension directory) and needs a C++ compiler and ninja; without them, or with
 `DINAT_BUILD_KERNELS=0` in the environment, `can_run` says why and the torch backend runs instead.
 
@@ -25,7 +26,9 @@ from torch.utils.flop_counter import register_flop_formula
 
 Pair = tuple[int, int]
 
-SOURCE = Path(__file__).with_name("csrc") / "na2d_cpu.cpp"
+# one extension module: the attention kernel, the inference LayerNorm (ops/layer_norm.py) and their bindings
+SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                for name in ("bindings.cpp", "na2d_cpu.cpp", "layer_norm_cpu.cpp"))
 BUILD_SWITCH = "DINAT_BUILD_KERNELS"
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 _DTYPES = _COMPUTE_DTYPES + (torch.bfloat16, torch.float16)
@@ -55,13 +58,13 @@ def _build():
     """(the compiled extension module, None), or (None, why it could not be built); built once per process."""
     from torch.utils import cpp_extension
 
-    source = SOURCE.read_bytes()
-    # the name changes with the source, so a cached build of an older source is never loaded
-    name = "dinat_na2d_cpu_" + hashlib.sha256(source).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()
+    # the name changes with the sources, so a cached build of older sources is never loaded
+    name = "dinat_na2d_cpu_" + digest[:12]
     logger.info("building the C++ neighborhood-attention kernel %s (once; cached by torch)", name)
     try:
         remove_stale_lock(Path(cpp_extension._get_build_directory(name, verbose=False)))
-        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+        return cpp_extension.load(name, [str(source) for source in SOURCES], extra_cflags=["-O3", "-fopenmp"],
                                   extra_ldflags=["-fopenmp"]), None
     except Exception as error:  # no compiler, no ninja, a failed build: the torch backend runs instead
         reason = f"the C++ kernel could not be built: {type(error).__name__}: {str(error).strip()[:300]}"
@@ -69,7 +72,8 @@ def _build():
         return None, reason
 
 
-def _extension():
+def extension():
+    """The compiled extension module; RuntimeError with the reason where it cannot be built."""
     module, reason = _build()
     if module is None:
         raise RuntimeError(reason)
@@ -114,7 +118,7 @@ def _last_dim_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _forward(q, k, v, rpb, kernel_size, dilation, scale, keep_probabilities):
     compute = _compute_dtype(q.dtype)
     q, k, v = (_last_dim_contiguous(t, compute) for t in (q, k, v))
-    return tuple(_extension().forward(q, k, v, rpb, *kernel_size, *dilation, scale, keep_probabilities))
+    return tuple(extension().forward(q, k, v, rpb, *kernel_size, *dilation, scale, keep_probabilities))
 
 
 def _forward_fake(q, kernel_size, keep_probabilities):
@@ -129,7 +133,7 @@ def _forward_fake(q, kernel_size, keep_probabilities):
 def _backward(grad_out, q, k, v, probs, kernel_size, dilation, scale, want_rpb):
     """(grad_qkv as (3, B, heads, H, W, D) viewing a (B, H, W, 3, heads, D) tensor, grad_rpb or an empty tensor)"""
     grad_out, q, k, v = (_last_dim_contiguous(t, probs.dtype) for t in (grad_out, q, k, v))
-    return tuple(_extension().backward(grad_out, q, k, v, probs, *kernel_size, *dilation, scale, want_rpb))
+    return tuple(extension().backward(grad_out, q, k, v, probs, *kernel_size, *dilation, scale, want_rpb))
 
 
 def _rpb_grad_fake(probs, q_shape, kernel_size, want_rpb):

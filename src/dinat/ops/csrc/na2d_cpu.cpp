@@ -1067,6 +1067,10 @@ void check_inputs(const std::vector<torch::Tensor>& tensors) {
   }
 }
 
+}  // namespace
+
+namespace dinat {
+
 // Returns (out, probs): out is (B, heads, H, W, D) viewing a (B, H, W, heads, D) tensor; probs is
 // (B, heads, H, W, kernel_h * kernel_w) when keep_probabilities, else empty.
 std::vector<torch::Tensor> forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -1179,9 +1183,4 @@ std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::
   return {grad_qkv, want_rpb ? partial_rpb.sum(0) : partial_rpb};
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "fused neighborhood attention, forward");
-  m.def("backward", &backward, "fused neighborhood attention, backward");
-}
+}  // namespace dinat

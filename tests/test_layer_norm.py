@@ -1,0 +1,76 @@
+"""The inference LayerNorm (`dinat.ops.layer_norm`): the C++ row kernel agrees with a float64 LayerNorm, runs where
+it should (CPU float32 inference, channels a multiple of 16) and nowhere else, and the model's norms use it while
+keeping nn.LayerNorm's parameters, keys and gradients."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from dinat import DinatConfig, DinatModel, ops
+from dinat.modeling_dinat import DinatLayerNorm
+from dinat.ops import cpp_backend
+
+layer_norm_module = importlib.import_module("dinat.ops.layer_norm")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernel():
+    if cpp_backend.unavailable_reason() is not None:
+        pytest.skip(cpp_backend.unavailable_reason())
+
+
+def _reference(x, weight, bias, eps):
+    return F.layer_norm(x.double(), (x.shape[-1],), weight.double(), bias.double(), eps)
+
+
+@pytest.mark.parametrize("shape", [(2, 56, 56, 64), (3, 5, 7, 96), (1, 7, 7, 512), (257, 128)], ids=str)
+def test_kernel_matches_a_float64_layer_norm(shape):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator) * 3 + 1.5
+    weight, bias = torch.randn(shape[-1], generator=generator), torch.randn(shape[-1], generator=generator)
+    assert layer_norm_module._kernel_applies(x, weight, bias)
+    with torch.no_grad():
+        got = ops.layer_norm(x, weight, bias, 1e-5)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    torch.testing.assert_close(got.double(), _reference(x, weight, bias, 1e-5), atol=1e-5, rtol=1e-5)
+
+
+def test_other_calls_run_f_layer_norm():
+    x = torch.randn(2, 4, 4, 64)
+    weight, bias = torch.randn(64), torch.randn(64)
+    assert not layer_norm_module._kernel_applies(x, weight.requires_grad_(), bias)  # gradients needed
+    with torch.no_grad():
+        assert layer_norm_module._kernel_applies(x, weight, bias)
+        assert not layer_norm_module._kernel_applies(x[..., :40], weight[:40], bias[:40])  # 40 channels
+        assert not layer_norm_module._kernel_applies(x.double(), weight.double(), bias.double())
+        assert not layer_norm_module._kernel_applies(x, None, None)
+        odd = torch.randn(3, 40)
+        torch.testing.assert_close(ops.layer_norm(odd, torch.ones(40), torch.zeros(40), 1e-5),
+                                   F.layer_norm(odd, (40,), eps=1e-5))
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    config = DinatConfig(embed_dim=32, depths=[1, 1], num_heads=[2, 4], kernel_size=3, dilations=[[1], [1]],
+                         mlp_ratio=2.0)
+    return DinatModel(config).eval()
+
+
+def test_model_norms_use_the_kernel_in_inference_and_keep_layer_norm_keys_and_gradients():
+    model = _tiny_model()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(isinstance(m, DinatLayerNorm) for m in norms)
+    assert "encoder.levels.0.layers.0.layernorm_before.weight" in model.state_dict()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fast = model(pixels).last_hidden_state
+    assert any(event.key == "dinat::layer_norm_rows" for event in prof.key_averages())
+    plain = model(pixels).last_hidden_state  # gradients enabled: F.layer_norm
+    torch.testing.assert_close(fast, plain.detach(), atol=1e-5, rtol=1e-5)
+    plain.sum().backward()
+    assert all(m.weight.grad is not None and m.bias.grad is not None for m in norms)
