@@ -1,10 +1,10 @@
 """The cpp backend: a C++ CPU kernel (`csrc/na2d_cpu.cpp`) that reads each query's keys in place, with AVX-512
 vector code where the CPU has it; the default on CPU where it builds.
 
-It is compiled, with the inference LayerNorm kernel of `layer_norm.py` in the same extension module, by torch's C++
-extension builder the first time it is needed (about a minute; cached across
-processes in torch's extension directory) and needs a C++ compiler and ninja; without them, or with
-`DINAT_BUILD_KERNELS=0` in the environment, `can_run` says why and the torch backend runs instead.
+It is compiled (with the inference LayerNorm kernel of `layer_norm.py`, in one extension module) by torch's C++
+extension builder the first time it is needed (about a minute; cached across processes in torch's extension
+directory) and needs a C++ compiler and ninja; without them, or with `DINAT_BUILD_KERNELS=0` in the environment,
+`can_run` says why and the torch backend runs instead.
 
 Like the torch backend's tiled kernel it is a custom op, `dinat::na2d_cpp` (separate q, k, v) or
 `dinat::na2d_cpp_packed` (one packed qkv projection, as DiNAT's layers pass it), each with its backward
