@@ -39,7 +39,17 @@ def _kernel_applies(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """`F.layer_norm(x, (x.shape[-1],), weight, bias, eps)`, on the C++ row kernel where it applies."""
+    """`F.layer_norm(x, (x.shape[-1],), weight, bias, eps)`, on the C++ row kernel where it applies.
+
+    Args:
+        x: (..., channels) input.
+        weight: (channels,) scale, or None.
+        bias: (channels,) shift, or None.
+        eps: added to the variance.
+
+    Returns:
+        x normalized over its last dimension, in x's dtype and shape (contiguous).
+    """
     if _kernel_applies(x, weight, bias):
         return _layer_norm_rows(x, weight, bias, eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
