@@ -4,6 +4,7 @@ No timing is asserted here: performance numbers live in docs/performance.md.
 """
 
 import json
+import os
 
 import pytest
 
@@ -54,6 +55,19 @@ def test_dinat_bench_runs_side_by_side_and_writes_json(tmp_path, capsys):
         assert target["met"] == (target["value"] >= bench.TARGET_SPEEDUP)
     out = capsys.readouterr().out
     assert "| inference bf16 autocast |" in out and "DiNAT-mini / Swin-T" in out and "1.4x target" in out
+
+
+def test_allocator_settings_are_recorded_and_printed(monkeypatch):
+    for name in [n for n in os.environ if n.startswith("MALLOC_") or n == "LD_PRELOAD"]:
+        monkeypatch.delenv(name)
+    results = {"rows": [], "machine": bench.machine(1),
+               "settings": {"dinat": "DiNAT-mini", "peers": [], "threads": 1, "rounds": 1, "batch": 1, "size": 224,
+                            "backbone_size": 224}}
+    assert results["machine"]["allocator"] == {} and "Allocator settings" not in bench.format_markdown(results)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1073741824")
+    results["machine"] = bench.machine(1)
+    assert results["machine"]["allocator"] == {"MALLOC_TRIM_THRESHOLD_": "1073741824"}
+    assert "Allocator settings: MALLOC_TRIM_THRESHOLD_=1073741824." in bench.format_markdown(results)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -301,7 +301,10 @@ def machine(threads: int) -> dict[str, object]:
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            # the allocator decides how often large ops fault fresh pages in (docs/performance.md): say how it was set
+            "allocator": {name: value for name, value in sorted(os.environ.items())
+                          if name.startswith("MALLOC_") or name == "LD_PRELOAD"}}
 
 
 def to_row(case: Case, m: benchmark.Measurement, gemm_rates: dict[str, float]) -> dict:
@@ -355,6 +358,8 @@ def format_markdown(results: dict) -> str:
     out = [f"{info['cpu']}, {info['cores']} cores, {s['threads']} threads, torch {info['torch']}, transformers "
            f"{info['transformers']}, {info['date']}, load average {load}; {s['rounds']} interleaved rounds, "
            "median (IQR in the JSON)."]
+    if info.get("allocator"):
+        out[0] += " Allocator settings: " + ", ".join(f"{k}={v}" for k, v in info["allocator"].items()) + "."
     if results.get("targets"):
         out += ["", "### Targets", "", "| target | measured | goal | |", "|---|---|---|---|"]
         for t in results["targets"]:
