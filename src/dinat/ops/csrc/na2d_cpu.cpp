@@ -52,6 +52,7 @@ struct AxisWindows {
 struct View5 {  // a (batch, heads, height, width, head_dim) tensor with a contiguous last dimension
   int64_t s0, s1, s2, s3;
   explicit View5(const torch::Tensor& t) : s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)), s3(t.stride(3)) {}
+  int64_t at(int64_t b, int64_t h, int64_t y, int64_t x) const { return b * s0 + h * s1 + y * s2 + x * s3; }
 };
 
 template <typename T>
@@ -806,10 +807,10 @@ DINAT_AVX512 void forward_groups(const Geometry& g, const GroupLayout& layout, i
       const int64_t gy = group / dil_w, gx = group % dil_w;
       for (int64_t t = 0; t < g.window; ++t) {
         const int64_t y = layout.offset_y[t] + gy, x = layout.offset_x[t] + gx;
-        query_rows[t] = qp + b * qs.s0 + h * qs.s1 + y * qs.s2 + x * qs.s3;
-        key_rows[t] = kp + b * ks.s0 + h * ks.s1 + y * ks.s2 + x * ks.s3;
-        value_rows[t] = vp + b * vs.s0 + h * vs.s1 + y * vs.s2 + x * vs.s3;
-        out_rows[t] = op + b * os.s0 + h * os.s1 + y * os.s2 + x * os.s3;
+        query_rows[t] = qp + qs.at(b, h, y, x);
+        key_rows[t] = kp + ks.at(b, h, y, x);
+        value_rows[t] = vp + vs.at(b, h, y, x);
+        out_rows[t] = op + os.at(b, h, y, x);
       }
       // the next group's tokens are scattered over the map and past this core's cache: fetch them meanwhile
       const int64_t next_task = group + 1 < layout.groups ? task : task + 1;
@@ -819,9 +820,9 @@ DINAT_AVX512 void forward_groups(const Geometry& g, const GroupLayout& layout, i
         for (int64_t t = 0; t < g.window; ++t) {
           const int64_t y = layout.offset_y[t] + ny, x = layout.offset_x[t] + nx;
           for (int c = 0; c < Chunks; ++c) {
-            prefetch(qp + nb * qs.s0 + nh * qs.s1 + y * qs.s2 + x * qs.s3 + 16 * c);
-            prefetch(kp + nb * ks.s0 + nh * ks.s1 + y * ks.s2 + x * ks.s3 + 16 * c);
-            prefetch(vp + nb * vs.s0 + nh * vs.s1 + y * vs.s2 + x * vs.s3 + 16 * c);
+            prefetch(qp + qs.at(nb, nh, y, x) + 16 * c);
+            prefetch(kp + ks.at(nb, nh, y, x) + 16 * c);
+            prefetch(vp + vs.at(nb, nh, y, x) + 16 * c);
           }
         }
       }
@@ -872,13 +873,13 @@ DINAT_AVX512 void backward_groups(const Geometry& g, const GroupLayout& layout, 
       const int64_t gy = group / dil_w, gx = group % dil_w;
       for (int64_t t = 0; t < g.window; ++t) {
         const int64_t y = layout.offset_y[t] + gy, x = layout.offset_x[t] + gx;
-        go_rows[t] = gp + b * gs.s0 + h * gs.s1 + y * gs.s2 + x * gs.s3;
-        q_rows[t] = qp + b * qs.s0 + h * qs.s1 + y * qs.s2 + x * qs.s3;
-        k_rows[t] = kp + b * ks.s0 + h * ks.s1 + y * ks.s2 + x * ks.s3;
-        v_rows[t] = vp + b * vs.s0 + h * vs.s1 + y * vs.s2 + x * vs.s3;
-        dq_rows[t] = dqp + b * dqs.s0 + h * dqs.s1 + y * dqs.s2 + x * dqs.s3;
-        dk_rows[t] = dkp + b * dks.s0 + h * dks.s1 + y * dks.s2 + x * dks.s3;
-        dv_rows[t] = dvp + b * dvs.s0 + h * dvs.s1 + y * dvs.s2 + x * dvs.s3;
+        go_rows[t] = gp + gs.at(b, h, y, x);
+        q_rows[t] = qp + qs.at(b, h, y, x);
+        k_rows[t] = kp + ks.at(b, h, y, x);
+        v_rows[t] = vp + vs.at(b, h, y, x);
+        dq_rows[t] = dqp + dqs.at(b, h, y, x);
+        dk_rows[t] = dkp + dks.at(b, h, y, x);
+        dv_rows[t] = dvp + dvs.at(b, h, y, x);
         std::copy_n(pp + (((b * g.heads + h) * g.height + y) * g.width + x) * g.window, g.window, probs + t * padded);
       }
       gather_rows<Chunks>(go_rows, g.window, 1.0f, grad_out);
