@@ -1,7 +1,8 @@
 """torch.compile keeps the eager fast paths: the fused neighborhood-attention kernel (the C++ kernel on the
 packed qkv projection, `dinat::na2d_cpp_packed`, or the torch backend's tiled kernel, `dinat::na2d`, when that
-backend is chosen) and the oneDNN linear epilogues (`dinat::linear_epilogue`) appear in the compiled graph as
-custom ops, instead of the graph falling back to plain ops (slower than eager on CPU)."""
+backend is chosen), the oneDNN linear epilogues (`dinat::linear_epilogue`) in inference and the aten LayerNorm
+(`dinat::layer_norm_train`) in training appear in the compiled graph as custom ops, instead of the graph falling
+back to plain ops (slower than eager on CPU)."""
 
 from __future__ import annotations
 
@@ -54,15 +55,19 @@ def test_compiled_inference_calls_the_eager_kernels(backend, attention_op):
     assert not any(target.startswith("dinat.na2d") and target != attention_op for target in targets)
     # per layer: qkv, attention output (+ residual), MLP in (+ GELU), MLP out (+ residual)
     assert targets.count("dinat.linear_epilogue") == 4 * layers
+    assert "dinat.layer_norm_train" not in targets
 
 
 @pytest.mark.parametrize("backend, attention_op", ATTENTION_OPS)
 def test_compiled_training_uses_autograd_ops_for_linears(backend, attention_op):
-    # the oneDNN epilogues have no autograd: with gradients the graph holds plain linears (fused by inductor)
+    # the oneDNN epilogues have no autograd: with gradients the graph holds plain linears (fused by inductor);
+    # every LayerNorm is the opaque op with aten's kernels (inductor's CPU LayerNorm backward is slower)
     model = _small_model(backend).train()
     targets = _graph_ops(model, torch.randn(1, 3, 32, 32))
     assert "dinat.linear_epilogue" not in targets
     assert targets.count(attention_op) == sum(SMALL["depths"])
+    norms = sum(isinstance(module, torch.nn.LayerNorm) for module in model.modules())
+    assert norms and targets.count("dinat.layer_norm_train") == norms
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused linears need oneDNN")

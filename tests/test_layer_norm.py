@@ -1,6 +1,7 @@
-"""The inference LayerNorm (`dinat.ops.layer_norm`): the C++ row kernel agrees with a float64 LayerNorm, runs where
-it should (CPU float32 inference, channels a multiple of 16) and nowhere else, and the model's norms use it while
-keeping nn.LayerNorm's parameters, keys and gradients."""
+"""`dinat.ops.layer_norm`: the C++ row kernel agrees with a float64 LayerNorm and runs where it should (CPU float32
+inference, channels a multiple of 16) and nowhere else; compiled CPU training runs the opaque aten-backed op, whose
+values and gradients are F.layer_norm's; the model's norms use both while keeping nn.LayerNorm's parameters, keys
+and gradients."""
 
 from __future__ import annotations
 
@@ -74,3 +75,52 @@ def test_model_norms_use_the_kernel_in_inference_and_keep_layer_norm_keys_and_gr
     torch.testing.assert_close(fast, plain.detach(), atol=1e-5, rtol=1e-5)
     plain.sum().backward()
     assert all(m.weight.grad is not None and m.bias.grad is not None for m in norms)
+
+
+def _ops_run(fn) -> set[str]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.key for event in prof.key_averages() if event.key.startswith("dinat::layer_norm")}
+
+
+def test_training_op_registration_passes_opcheck():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 48, generator=generator, requires_grad=True)
+    weight = torch.randn(48, generator=generator, requires_grad=True)
+    bias = torch.randn(48, generator=generator, requires_grad=True)
+    torch.library.opcheck(torch.ops.dinat.layer_norm_train, (x, weight, bias, 1e-5))
+    _, mean, rstd = (t.detach() for t in torch.ops.dinat.layer_norm_train(x, weight, bias, 1e-5))
+    torch.library.opcheck(torch.ops.dinat.layer_norm_train_backward,
+                          (torch.randn(3, 5, 48, generator=generator), x.detach(), mean, rstd, weight.detach(),
+                           bias.detach()))
+
+
+def test_compiled_training_runs_the_opaque_op_with_f_layer_norm_gradients():
+    generator = torch.Generator().manual_seed(0)
+    # a transposed (non-contiguous) input, as a permuted activation would be
+    x = (torch.randn(6, 4, 64, generator=generator) * 2 + 1).transpose(0, 1)
+    weight, bias = torch.randn(64, generator=generator), torch.randn(64, generator=generator)
+    upstream = torch.randn(4, 6, 64, generator=generator)
+
+    def loss(fn, x, weight, bias):
+        x, weight, bias = (t.clone().requires_grad_() for t in (x, weight, bias))
+        (fn(x, weight, bias) * upstream).sum().backward()
+        return x.grad, weight.grad, bias.grad
+
+    compiled = torch.compile(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), backend="aot_eager", fullgraph=True)
+    got = loss(compiled, x, weight, bias)
+    assert _ops_run(lambda: loss(compiled, x, weight, bias)) == {"dinat::layer_norm_train",
+                                                                  "dinat::layer_norm_train_backward"}
+    want = loss(lambda x, w, b: F.layer_norm(x, (64,), w, b, 1e-5), x.double(), weight.double(), bias.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
+
+
+def test_opaque_op_only_in_compiled_cpu_training():
+    x, weight, bias = torch.randn(2, 8, 32), torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)
+    compiled = torch.compile(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert "dinat::layer_norm_train" not in _ops_run(lambda: compiled(x, weight, bias))
+    assert "dinat::layer_norm_train" not in _ops_run(lambda: ops.layer_norm(x, weight, bias, 1e-5).sum().backward())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "dinat::layer_norm_train" not in _ops_run(lambda: compiled(x, weight, bias))

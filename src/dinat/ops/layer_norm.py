@@ -1,10 +1,15 @@
-"""LayerNorm over the last dimension, for inference on CPU: the C++ extension's row kernel where it applies.
+"""LayerNorm over the last dimension, with the kernel that is fastest on CPU for each kind of call.
 
-aten's CPU LayerNorm costs about three times a copy of the tensor on DiNAT's many short rows (64-512 channels);
-the extension's kernel (`csrc/layer_norm_cpu.cpp`, built with the attention kernel) normalizes each row in L1
-with the same float32 arithmetic. It runs only where nothing needs gradients, on float32 CPU tensors whose
-channels are a multiple of 16, outside torch.compile (inductor fuses LayerNorm with its neighbours itself);
-everything else is `F.layer_norm`. Numbers in docs/performance.md.
+- Eager inference: aten's CPU LayerNorm costs about three times a copy of the tensor on DiNAT's many short rows
+  (64-512 channels); the extension's kernel (`csrc/layer_norm_cpu.cpp`, built with the attention kernel)
+  normalizes each row in L1 with the same float32 arithmetic. It runs where nothing needs gradients, on float32
+  CPU tensors whose channels are a multiple of 16, outside torch.compile (inductor fuses LayerNorm with its
+  neighbours itself).
+- Compiled training on CPU: inductor's generated LayerNorm backward (its weight and bias gradients reduce over
+  tens of thousands of rows) is several times slower than aten's, so there the norm is one opaque custom op,
+  `dinat::layer_norm_train`, whose forward and backward are aten's kernels.
+- Everything else (eager training, other devices, autocast, export) is `F.layer_norm`.
+Numbers in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -38,8 +43,55 @@ def _kernel_applies(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     return cpp_backend.extension().layer_norm_supported(x.shape[-1])
 
 
+@torch.library.custom_op("dinat::layer_norm_train", mutates_args=())
+def _layer_norm_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(normalized x, mean, 1 / std) with the statistics as (..., 1), as aten's native_layer_norm returns them."""
+    return torch.native_layer_norm(x.contiguous(), [x.shape[-1]], weight, bias, eps)
+
+
+@_layer_norm_train.register_fake
+def _layer_norm_train_fake(x, weight, bias, eps):
+    statistics = x.new_empty(*x.shape[:-1], 1)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), statistics, torch.empty_like(statistics)
+
+
+@torch.library.custom_op("dinat::layer_norm_train_backward", mutates_args=())
+def _layer_norm_train_backward(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                               weight: torch.Tensor,
+                               bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.ops.aten.native_layer_norm_backward(grad.contiguous(), x.contiguous(), [x.shape[-1]], mean, rstd,
+                                                     weight, bias, [True, True, True])
+
+
+@_layer_norm_train_backward.register_fake
+def _layer_norm_train_backward_fake(grad, x, mean, rstd, weight, bias):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _save_for_backward(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd, weight, bias)
+
+
+def _backward(ctx, grad, _grad_mean, _grad_rstd):
+    return *_layer_norm_train_backward(grad, *ctx.saved_tensors), None
+
+
+_layer_norm_train.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+def _opaque_in_compiled_training(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    if weight is None or bias is None or not torch.compiler.is_compiling() or is_exporting():
+        return False
+    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or not x.dtype.is_floating_point:
+        return False
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """`F.layer_norm(x, (x.shape[-1],), weight, bias, eps)`, on the C++ row kernel where it applies.
+    """`F.layer_norm(x, (x.shape[-1],), weight, bias, eps)`, on the kernel that is fastest for the call (above).
 
     Args:
         x: (..., channels) input.
@@ -52,6 +104,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     """
     if _kernel_applies(x, weight, bias):
         return _layer_norm_rows(x, weight, bias, eps)
+    if _opaque_in_compiled_training(x, weight, bias):
+        return _layer_norm_train(x, weight, bias, eps)[0]
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
