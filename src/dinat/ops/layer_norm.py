@@ -91,7 +91,10 @@ def _opaque_in_compiled_training(x: torch.Tensor, weight: torch.Tensor | None, b
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """`F.layer_norm(x, (x.shape[-1],), weight, bias, eps)`, on the kernel that is fastest for the call (above).
+    """`F.layer_norm(x, (x.shape[-1],), weight, bias, eps)`, on the fastest CPU kernel for the call.
+
+    The C++ row kernel in float32 inference (channels a multiple of 16, AVX-512), one opaque op on aten's
+    kernels in compiled training, `F.layer_norm` everywhere else.
 
     Args:
         x: (..., channels) input.
