@@ -124,3 +124,8 @@ def test_opaque_op_only_in_compiled_cpu_training():
     assert "dinat::layer_norm_train" not in _ops_run(lambda: ops.layer_norm(x, weight, bias, 1e-5).sum().backward())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert "dinat::layer_norm_train" not in _ops_run(lambda: compiled(x, weight, bias))
+    # bfloat16 activations with float32 parameters: F.layer_norm (aten's statistics would be float32)
+    assert "dinat::layer_norm_train" not in _ops_run(lambda: compiled(x.bfloat16(), weight, bias))
+    half = torch.randn(2, 8, 32, dtype=torch.bfloat16)
+    weight16, bias16 = (t.detach().bfloat16().requires_grad_() for t in (weight, bias))
+    assert "dinat::layer_norm_train" in _ops_run(lambda: compiled(half, weight16, bias16).float().sum().backward())

@@ -87,6 +87,8 @@ def _opaque_in_compiled_training(x: torch.Tensor, weight: torch.Tensor | None, b
         return False
     if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or not x.dtype.is_floating_point:
         return False
+    if weight.dtype != x.dtype or bias.dtype != x.dtype:  # mixed dtypes: aten's statistics are float32 then
+        return False
     return torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
 
 
