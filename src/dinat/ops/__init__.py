@@ -15,7 +15,7 @@ from . import cpp_backend, dispatch, flex_backend, torch_backend, unfused
 from .dispatch import BACKENDS, use_backend
 from .layer_norm import layer_norm
 from .linear import linear
-from .plan import check_can_run
+from .plan import check_can_run, needs_grad
 
 IntOrPair = int | tuple[int, int]
 
@@ -114,8 +114,7 @@ def _backend_module(backend, q, rpb, inputs, kernel_size, dilation):
         # fastest backend that traces into the graph
         name = dispatch.choose_traced(backend, q)
     else:
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, rpb))
-        name = dispatch.choose(backend, q, rpb is not None, needs_grad, kernel_size, dilation)
+        name = dispatch.choose(backend, q, rpb is not None, needs_grad(*inputs, rpb), kernel_size, dilation)
     # the modules already imported are used directly: a compiled graph cannot trace importlib
     return {"torch": torch_backend, "cpp": cpp_backend, "flex": flex_backend}.get(name) or dispatch.backend(name)
 

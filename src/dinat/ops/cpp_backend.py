@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from . import plan
+
 Pair = tuple[int, int]
 
 # one extension module: the attention kernel, the inference LayerNorm (ops/layer_norm.py) and their bindings
@@ -269,9 +271,8 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, d
     back into channels is free.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))
     with torch.autocast("cpu", enabled=False):
-        out, _ = _na2d_op(q, k, v, rpb, list(kernel_size), list(dilation), scale, needs_grad)
+        out, _ = _na2d_op(q, k, v, rpb, list(kernel_size), list(dilation), scale, plan.needs_grad(q, k, v, rpb))
     return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
@@ -279,9 +280,8 @@ def na2d_packed(qkv: torch.Tensor, kernel_size: Pair, dilation: Pair, rpb: torch
                 scale: float | None = None) -> torch.Tensor:
     """`na2d` on q, k, v packed in one (B, H, W, 3, heads, D) projection; its gradient comes back in that layout."""
     scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qkv, rpb))
     with torch.autocast("cpu", enabled=False):
-        out, _ = _na2d_packed_op(qkv, rpb, list(kernel_size), list(dilation), scale, needs_grad)
+        out, _ = _na2d_packed_op(qkv, rpb, list(kernel_size), list(dilation), scale, plan.needs_grad(qkv, rpb))
     return out if out.dtype == qkv.dtype else out.to(qkv.dtype)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpp_backend
-from .plan import is_exporting
+from .plan import is_exporting, needs_grad
 
 
 @torch.library.custom_op("dinat::layer_norm_rows", mutates_args=())
@@ -36,7 +36,7 @@ def _kernel_applies(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
         return False
     if x.device.type != "cpu" or not all(t.dtype == torch.float32 for t in (x, weight, bias)):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)):
+    if needs_grad(x, weight, bias):
         return False
     if cpp_backend.unavailable_reason() is not None:
         return False
@@ -89,7 +89,7 @@ def _opaque_in_compiled_training(x: torch.Tensor, weight: torch.Tensor | None, b
         return False
     if weight.dtype != x.dtype or bias.dtype != x.dtype:  # mixed dtypes: aten's statistics are float32 then
         return False
-    return torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
+    return needs_grad(x, weight, bias)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:

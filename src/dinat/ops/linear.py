@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .plan import needs_grad
+
 
 # read once: torch.compile cannot trace the query itself
 _ONEDNN = torch.backends.mkldnn.is_available()
@@ -25,7 +27,7 @@ def _fused_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype oneDNN computes in, or None where the plain path must run."""
     if x.device.type != "cpu" or not _ONEDNN:
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if needs_grad(x, weight):
         return None
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")

@@ -9,6 +9,9 @@ Every path reads its windows from here: the unfused pair through `window_indices
 `window_start`, and both fused paths (the eager tiled kernel and the traced decomposable one) through the
 same `CallPlan`: classes of equal-length dilation groups, each cut into query tiles that attend to halos
 of keys, with one bias index per class that holds the window shape and the RPB.
+
+It also holds the two questions every op asks of a call before choosing a path: whether autograd records it
+(`needs_grad`) and whether torch.export is tracing it (`is_exporting`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ from dataclasses import dataclass
 import torch
 
 Pair = tuple[int, int]
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record a call on `tensors` (None entries ignored): grad mode on and one needs it."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def is_exporting() -> bool:

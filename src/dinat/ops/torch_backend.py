@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import tiled, traced
-from .plan import is_exporting, tile_pair
+from .plan import is_exporting, needs_grad, tile_pair
 
 Pair = tuple[int, int]
 
@@ -113,8 +113,8 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, d
         return traced.na2d(q, k, v, tuple(kernel_size), tuple(dilation), rpb=rpb, scale=scale, tile=tile)
     dtype = q.dtype if q.dtype == v.dtype else torch.promote_types(q.dtype, v.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))
-    out, _ = _na2d_op(q, k, v, rpb, list(kernel_size), list(dilation), scale, [t or 0 for t in tile], needs_grad)
+    out, _ = _na2d_op(q, k, v, rpb, list(kernel_size), list(dilation), scale, [t or 0 for t in tile],
+                      needs_grad(q, k, v, rpb))
     return out
 
 
