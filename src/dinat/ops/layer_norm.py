@@ -47,7 +47,7 @@ def _kernel_applies(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
 def _layer_norm_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(normalized x, mean, 1 / std) with the statistics as (..., 1), as aten's native_layer_norm returns them."""
-    return torch.native_layer_norm(x.contiguous(), [x.shape[-1]], weight, bias, eps)
+    return torch.native_layer_norm(x, [x.shape[-1]], weight, bias, eps)  # contiguous output for any x
 
 
 @_layer_norm_train.register_fake
@@ -60,8 +60,9 @@ def _layer_norm_train_fake(x, weight, bias, eps):
 def _layer_norm_train_backward(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                                weight: torch.Tensor,
                                bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.ops.aten.native_layer_norm_backward(grad.contiguous(), x.contiguous(), [x.shape[-1]], mean, rstd,
-                                                     weight, bias, [True, True, True])
+    # aten makes grad and x contiguous itself, once
+    return torch.ops.aten.native_layer_norm_backward(grad, x, [x.shape[-1]], mean, rstd, weight, bias,
+                                                     [True, True, True])
 
 
 @_layer_norm_train_backward.register_fake
