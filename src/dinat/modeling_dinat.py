@@ -113,8 +113,10 @@ class DinatPatchEmbeddings(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # channels-last pixels: both convs run channels-last (several times faster for the 3-channel one on CPU),
         # and the result, permuted to (B, H, W, C), is contiguous without a copy
-        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        return self.projection(pixel_values).permute(0, 2, 3, 1)
+        hidden_states = pixel_values.contiguous(memory_format=torch.channels_last)
+        for conv in self.projection:
+            hidden_states = ops.bfloat16.conv2d(conv, hidden_states)
+        return hidden_states.permute(0, 2, 3, 1)
 
 
 class DinatEmbeddings(nn.Module):
@@ -142,7 +144,7 @@ class DinatDownsampler(nn.Module):
         self.norm = DinatLayerNorm(2 * dim)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.reduction(hidden_states.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        hidden_states = ops.bfloat16.conv2d(self.reduction, hidden_states.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.norm(hidden_states)
 
 

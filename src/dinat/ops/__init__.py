@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpp_backend, dispatch, flex_backend, torch_backend, unfused
+from . import bfloat16, cpp_backend, dispatch, flex_backend, torch_backend, unfused
 from .dispatch import BACKENDS, use_backend
 from .layer_norm import layer_norm
 from .linear import linear

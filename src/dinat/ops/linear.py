@@ -10,10 +10,7 @@ that a compiled graph calls the same kernel as eager (inductor cannot lower the 
 own weight prepacking). It has no autograd: it runs only where nothing needs gradients; elsewhere (training,
 other devices) these are the plain F.linear / F.gelu / add, which autograd and inductor handle.
 
-On CPUs without bfloat16 dot-product instructions (AVX512-BF16, AMX) oneDNN emulates its bfloat16 GEMM at
-about a third of its float32 rate. There a bfloat16 linear runs as the float32 GEMM on bfloat16-rounded
-operands: the products are exact in float32 either way and both sum in float32, so the result is the bfloat16
-GEMM's, summed in another order, rounded to bfloat16 once.
+In bfloat16 on CPUs without bfloat16 instructions, the same op runs in float32 on rounded operands (`bfloat16`).
 """
 
 from __future__ import annotations
@@ -21,20 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import bfloat16
 from .plan import needs_grad
 
 
-def _cpu_has_bf16_dot_products() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); True where torch cannot tell."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if not all(callable(check) for check in checks):
-        return True
-    return any(check() for check in checks)
-
-
-# read once: torch.compile cannot trace the queries themselves
+# read once: torch.compile cannot trace the query itself
 _ONEDNN = torch.backends.mkldnn.is_available()
-_BF16_IN_HARDWARE = _cpu_has_bf16_dot_products()
 
 
 def _fused_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
@@ -84,20 +73,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if gelu:
             out = F.gelu(out)
         return out if residual is None else residual + out
-    if dtype == torch.bfloat16 and not _BF16_IN_HARDWARE:
-        return _bf16_as_float32(x, weight, bias, gelu, residual)
+    if bfloat16.runs_as_float32(dtype):
+        r = bfloat16.rounded
+        return _linear_epilogue(r(x), r(weight), r(bias), gelu, r(residual)).to(torch.bfloat16)
     bias = None if bias is None else bias.to(dtype)
     return _linear_epilogue(x.to(dtype), weight.to(dtype), bias, gelu, residual)
-
-
-def _bf16_as_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool,
-                     residual: torch.Tensor | None) -> torch.Tensor:
-    """The bfloat16 linear computed by the float32 kernel: operands rounded to bfloat16, result rounded once."""
-    def rounded(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(torch.bfloat16).float()
-
-    out = _linear_epilogue(rounded(x), rounded(weight), rounded(bias), gelu, rounded(residual))
-    return out.to(torch.bfloat16)
 
 
 __all__ = ["linear"]

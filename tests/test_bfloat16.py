@@ -1,6 +1,7 @@
-"""`ops.linear` in bfloat16 on CPUs without bfloat16 instructions: the float32 GEMM on bfloat16-rounded operands,
-rounded once, must be the bfloat16 linear (checked against float64 arithmetic on the rounded operands, and against
-torch's own bfloat16 linear), and it must run only where the CPU lacks those instructions."""
+"""bfloat16 linears and convolutions on CPUs without bfloat16 instructions (`dinat.ops.bfloat16`): the float32
+kernel on bfloat16-rounded operands, rounded once, must give the bfloat16 result (checked against float64
+arithmetic on the rounded operands, and against torch's own bfloat16 ops), and it must run only where the CPU
+lacks those instructions and nothing needs gradients."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import torch.nn.functional as F
 
 from dinat import ops
 
+from dinat.ops import bfloat16
+
 linear_module = importlib.import_module("dinat.ops.linear")
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused linears need oneDNN")
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused linears need oneDNN")
 
 EPILOGUES = ["none", "gelu", "residual"]
 
@@ -54,10 +57,11 @@ def _epilogue_dtypes(monkeypatch) -> list[torch.dtype]:
     return seen
 
 
+@needs_onednn
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
 def test_bf16_linear_without_bf16_instructions_is_the_bf16_linear(monkeypatch, epilogue, input_dtype):
-    monkeypatch.setattr(linear_module, "_BF16_IN_HARDWARE", False)
+    monkeypatch.setattr(bfloat16, "BF16_IN_HARDWARE", False)
     seen = _epilogue_dtypes(monkeypatch)
     x, weight, bias, gelu, residual = _operands(epilogue, input_dtype)
     if residual is not None:
@@ -74,9 +78,10 @@ def test_bf16_linear_without_bf16_instructions_is_the_bf16_linear(monkeypatch, e
         torch.testing.assert_close(got.float(), torch_bf16.float(), rtol=2 ** -7, atol=1e-5)
 
 
+@needs_onednn
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 def test_bf16_model_weights_without_autocast_take_the_same_path(monkeypatch, epilogue):
-    monkeypatch.setattr(linear_module, "_BF16_IN_HARDWARE", False)
+    monkeypatch.setattr(bfloat16, "BF16_IN_HARDWARE", False)
     seen = _epilogue_dtypes(monkeypatch)
     x, weight, bias, gelu, residual = _operands(epilogue, torch.bfloat16)
     weight, bias = weight.bfloat16(), bias.bfloat16()
@@ -87,8 +92,9 @@ def test_bf16_model_weights_without_autocast_take_the_same_path(monkeypatch, epi
                                atol=1e-5)
 
 
+@needs_onednn
 def test_cpus_with_bf16_instructions_keep_onednns_bf16_gemm(monkeypatch):
-    monkeypatch.setattr(linear_module, "_BF16_IN_HARDWARE", True)
+    monkeypatch.setattr(bfloat16, "BF16_IN_HARDWARE", True)
     seen = _epilogue_dtypes(monkeypatch)
     x, weight, bias, gelu, residual = _operands("gelu", torch.float32)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -98,8 +104,9 @@ def test_cpus_with_bf16_instructions_keep_onednns_bf16_gemm(monkeypatch):
                                atol=1e-2)
 
 
+@needs_onednn
 def test_float32_linears_are_untouched(monkeypatch):
-    monkeypatch.setattr(linear_module, "_BF16_IN_HARDWARE", False)
+    monkeypatch.setattr(bfloat16, "BF16_IN_HARDWARE", False)
     seen = _epilogue_dtypes(monkeypatch)
     x, weight, bias, gelu, residual = _operands("residual", torch.float32)
     with torch.inference_mode():
@@ -113,9 +120,76 @@ def test_float32_linears_are_untouched(monkeypatch):
 def test_bf16_instructions_are_read_from_torch(monkeypatch, avx512_bf16, amx, expected):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert linear_module._cpu_has_bf16_dot_products() is expected
+    assert bfloat16._cpu_has_bf16_dot_products() is expected
 
 
 def test_unknown_cpus_keep_the_bf16_gemm(monkeypatch):
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
-    assert linear_module._cpu_has_bf16_dot_products() is True
+    assert bfloat16._cpu_has_bf16_dot_products() is True
+
+
+def _conv_operands(dtype: torch.dtype):
+    generator = torch.Generator().manual_seed(1)
+    conv = torch.nn.Conv2d(24, 40, kernel_size=3, stride=2, padding=1).to(torch.float64)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator, dtype=torch.float64) / 8)
+        conv.bias.copy_(torch.randn(40, generator=generator, dtype=torch.float64))
+    x = torch.randn(2, 24, 15, 17, generator=generator, dtype=torch.float64).mul(1 + 2 ** -10)
+    reference = torch.nn.Conv2d(24, 40, kernel_size=3, stride=2, padding=1).to(torch.float64)
+    reference.load_state_dict({name: bfloat16.rounded(t).double() for name, t in conv.state_dict().items()})
+    want = reference(bfloat16.rounded(x).double()).to(torch.bfloat16)
+    return conv.float(), x.to(dtype), want
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_conv_without_bf16_instructions_is_the_bf16_conv(monkeypatch, input_dtype):
+    monkeypatch.setattr(bfloat16, "BF16_IN_HARDWARE", False)
+    conv, x, want = _conv_operands(input_dtype)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = bfloat16.conv2d(conv, x)
+        torch_bf16 = conv(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-5)
+    torch.testing.assert_close(got.float(), torch_bf16.float(), rtol=2 ** -7, atol=2e-2)
+    conv = conv.bfloat16()  # a bfloat16 model, no autocast
+    with torch.inference_mode():
+        torch.testing.assert_close(bfloat16.conv2d(conv, x.bfloat16()).float(), want.float(), rtol=2 ** -7,
+                                   atol=1e-5)
+
+
+def test_bf16_conv_keeps_torchs_path_with_gradients_or_bf16_hardware_or_a_dtype_mismatch(monkeypatch):
+    conv, x, _ = _conv_operands(torch.float32)
+    calls = []
+    monkeypatch.setattr(conv, "_conv_forward", lambda *args: calls.append([a.dtype for a in args if a is not None])
+                        or torch.nn.Conv2d._conv_forward(conv, *args))
+    monkeypatch.setattr(bfloat16, "BF16_IN_HARDWARE", False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bfloat16.conv2d(conv, x)  # the weight needs gradients: autocast's own conv
+    assert out.requires_grad and calls == [[torch.float32] * 3]  # autocast casts below the module
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        bfloat16.conv2d(conv, x.bfloat16())  # float32 weights, bfloat16 input, no autocast: torch's error
+    monkeypatch.setattr(bfloat16, "BF16_IN_HARDWARE", True)
+    calls.clear()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert bfloat16.conv2d(conv, x).dtype == torch.bfloat16
+    assert calls == [[torch.float32] * 3]
+
+
+def test_model_bf16_inference_runs_its_convs_and_linears_in_float32_without_bf16_instructions(monkeypatch):
+    from dinat import DinatConfig, DinatForImageClassification
+
+    monkeypatch.setattr(bfloat16, "BF16_IN_HARDWARE", False)
+    torch.manual_seed(0)
+    model = DinatForImageClassification(DinatConfig(embed_dim=16, depths=[1, 1], num_heads=[1, 2], kernel_size=3,
+                                                    dilations=[[1], [1]], num_labels=3)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        full = model(pixels).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = model(pixels).logits
+        monkeypatch.setattr(bfloat16, "BF16_IN_HARDWARE", True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            onednn = model(pixels).logits
+    assert ours.dtype == onednn.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), onednn.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ours.float(), full, atol=5e-2, rtol=5e-2)
