@@ -44,73 +44,60 @@ def _bf16_reference(x, weight, bias, gelu, residual) -> torch.Tensor:
     return out.to(torch.bfloat16)
 
 
-def _epilogue_dtypes(monkeypatch) -> list[torch.dtype]:
-    """Records the dtype of x in each call of the oneDNN op."""
-    seen = []
-    op = linear_module._linear_epilogue
+def _run_linear(monkeypatch, in_hardware: bool, epilogue: str, input_dtype: torch.dtype, autocast: bool = True,
+                weights_dtype: torch.dtype = torch.float32):
+    """ops.linear on `_operands`, with the CPU said to have bfloat16 instructions or not. Returns the result, the
+    operands and the dtype of x in each call of the oneDNN op."""
+    monkeypatch.setattr(bfloat16, "BF16_IN_HARDWARE", in_hardware)
+    seen, op = [], linear_module._linear_epilogue
+    monkeypatch.setattr(linear_module, "_linear_epilogue", lambda x, *args: seen.append(x.dtype) or op(x, *args))
+    x, weight, bias, gelu, residual = _operands(epilogue, input_dtype)
+    weight, bias = weight.to(weights_dtype), bias.to(weights_dtype)
+    if residual is not None and autocast:
+        residual = residual.bfloat16()  # the residual add is fused where it has the linear's dtype
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = ops.linear(x, weight, bias, gelu=gelu, residual=residual)
+    return got, (x, weight, bias, gelu, residual), seen
 
-    def recording(x, *args):
-        seen.append(x.dtype)
-        return op(x, *args)
 
-    monkeypatch.setattr(linear_module, "_linear_epilogue", recording)
-    return seen
+# one rounding to bfloat16: at most an ulp (2**-8 relative) from the rounding of the exactly summed value
+ONE_ULP = dict(rtol=2 ** -7, atol=1e-5)
 
 
 @needs_onednn
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
 def test_bf16_linear_without_bf16_instructions_is_the_bf16_linear(monkeypatch, epilogue, input_dtype):
-    monkeypatch.setattr(bfloat16, "BF16_IN_HARDWARE", False)
-    seen = _epilogue_dtypes(monkeypatch)
-    x, weight, bias, gelu, residual = _operands(epilogue, input_dtype)
-    if residual is not None:
-        residual = residual.bfloat16()  # the residual add is fused where it has the linear's dtype
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        got = ops.linear(x, weight, bias, gelu=gelu, residual=residual)
-        torch_bf16 = F.linear(x, weight, bias)
+    got, operands, seen = _run_linear(monkeypatch, False, epilogue, input_dtype)
     assert seen == [torch.float32], "the float32 kernel runs"
     assert got.dtype == torch.bfloat16
-    want = _bf16_reference(x, weight, bias, gelu, residual)
-    # one rounding to bfloat16: at most an ulp (2**-8 relative) from the exactly summed value's rounding
-    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-5)
+    torch.testing.assert_close(got.float(), _bf16_reference(*operands).float(), **ONE_ULP)
     if epilogue == "none":
-        torch.testing.assert_close(got.float(), torch_bf16.float(), rtol=2 ** -7, atol=1e-5)
+        x, weight, bias, _, _ = operands
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(got.float(), F.linear(x, weight, bias).float(), **ONE_ULP)
 
 
 @needs_onednn
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 def test_bf16_model_weights_without_autocast_take_the_same_path(monkeypatch, epilogue):
-    monkeypatch.setattr(bfloat16, "BF16_IN_HARDWARE", False)
-    seen = _epilogue_dtypes(monkeypatch)
-    x, weight, bias, gelu, residual = _operands(epilogue, torch.bfloat16)
-    weight, bias = weight.bfloat16(), bias.bfloat16()
-    with torch.inference_mode():
-        got = ops.linear(x, weight, bias, gelu=gelu, residual=residual)
+    got, operands, seen = _run_linear(monkeypatch, False, epilogue, torch.bfloat16, autocast=False,
+                                      weights_dtype=torch.bfloat16)
     assert seen == [torch.float32] and got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), _bf16_reference(x, weight, bias, gelu, residual).float(), rtol=2 ** -7,
-                               atol=1e-5)
+    torch.testing.assert_close(got.float(), _bf16_reference(*operands).float(), **ONE_ULP)
 
 
 @needs_onednn
 def test_cpus_with_bf16_instructions_keep_onednns_bf16_gemm(monkeypatch):
-    monkeypatch.setattr(bfloat16, "BF16_IN_HARDWARE", True)
-    seen = _epilogue_dtypes(monkeypatch)
-    x, weight, bias, gelu, residual = _operands("gelu", torch.float32)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        got = ops.linear(x, weight, bias, gelu=gelu)
+    got, operands, seen = _run_linear(monkeypatch, True, "gelu", torch.float32)
     assert seen == [torch.bfloat16] and got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), _bf16_reference(x, weight, bias, gelu, None).float(), rtol=2 ** -7,
-                               atol=1e-2)
+    torch.testing.assert_close(got.float(), _bf16_reference(*operands).float(), rtol=2 ** -7, atol=1e-2)
 
 
 @needs_onednn
 def test_float32_linears_are_untouched(monkeypatch):
-    monkeypatch.setattr(bfloat16, "BF16_IN_HARDWARE", False)
-    seen = _epilogue_dtypes(monkeypatch)
-    x, weight, bias, gelu, residual = _operands("residual", torch.float32)
-    with torch.inference_mode():
-        got = ops.linear(x, weight, bias, residual=residual)
+    got, (x, weight, bias, _, residual), seen = _run_linear(monkeypatch, False, "residual", torch.float32,
+                                                            autocast=False)
     assert seen == [torch.float32]
     torch.testing.assert_close(got, F.linear(x, weight, bias) + residual)
 
@@ -149,12 +136,11 @@ def test_bf16_conv_without_bf16_instructions_is_the_bf16_conv(monkeypatch, input
         got = bfloat16.conv2d(conv, x)
         torch_bf16 = conv(x)
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-5)
+    torch.testing.assert_close(got.float(), want.float(), **ONE_ULP)
     torch.testing.assert_close(got.float(), torch_bf16.float(), rtol=2 ** -7, atol=2e-2)
     conv = conv.bfloat16()  # a bfloat16 model, no autocast
     with torch.inference_mode():
-        torch.testing.assert_close(bfloat16.conv2d(conv, x.bfloat16()).float(), want.float(), rtol=2 ** -7,
-                                   atol=1e-5)
+        torch.testing.assert_close(bfloat16.conv2d(conv, x.bfloat16()).float(), want.float(), **ONE_ULP)
 
 
 def test_bf16_conv_keeps_torchs_path_with_gradients_or_bf16_hardware_or_a_dtype_mismatch(monkeypatch):
