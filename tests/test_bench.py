@@ -7,8 +7,9 @@ import json
 import os
 
 import pytest
+import torch
 
-from dinat import bench
+from dinat import bench, ops
 from dinat.cli import main
 
 # Multiply-accumulates per 224x224 image, as the papers report them (DiNAT: arXiv 2209.15001, Table 2;
@@ -53,8 +54,15 @@ def test_dinat_bench_runs_side_by_side_and_writes_json(tmp_path, capsys):
         theirs = bench._find(results["rows"], part="models", mode=mode, model=peer)
         assert target["value"] == pytest.approx(mine["images_per_s"] / theirs["images_per_s"])
         assert target["met"] == (target["value"] >= bench.TARGET_SPEEDUP)
+    # DiNAT's bf16 matmuls run as float32 ones on CPUs without bf16 instructions: its row names that rate
+    as_float32 = ops.bfloat16.runs_as_float32(torch.bfloat16)
+    bf16 = {name: bench._find(results["rows"], part="models", mode="inference bf16 autocast", model=name)
+            for name in ("DiNAT-mini", "ConvNeXt-T")}
+    assert bf16["DiNAT-mini"]["gemm_dtype"] == ("float32" if as_float32 else "bfloat16")
+    assert bf16["ConvNeXt-T"]["gemm_dtype"] == "bfloat16"
     out = capsys.readouterr().out
     assert "| inference bf16 autocast |" in out and "DiNAT-mini / Swin-T" in out and "1.4x target" in out
+    assert ("its bf16 row is set against the float32 rate" in out) == as_float32
 
 
 def test_allocator_settings_are_recorded_and_printed(monkeypatch):
