@@ -1,7 +1,7 @@
 """bfloat16 linears and convolutions on CPUs without bfloat16 instructions.
 
 oneDNN runs bfloat16 GEMMs and convolutions in hardware where the CPU has AVX512-BF16 or AMX, and emulates them
-elsewhere, at about a third of its float32 rate (docs/performance.md). There the float32 kernel on
+elsewhere, at about a quarter of its float32 rate (docs/performance.md). There the float32 kernel on
 bfloat16-rounded operands gives the bfloat16 result faster: bfloat16 products are exact in float32 and both
 paths sum in float32, so only the order of the sums differs, and the result is rounded to bfloat16 once.
 """
