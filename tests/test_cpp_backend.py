@@ -176,6 +176,25 @@ def test_packed_entry_point_matches_separate_views_and_keeps_the_gradient_layout
     torch.testing.assert_close(got_rpb, want_rpb, atol=1e-3 if dtype == torch.float32 else 0.5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "separate"])
+def test_backward_is_not_handed_a_zero_gradient_for_the_probabilities(packed):
+    # the probabilities are an op output only so that backward can read them: zero-filling a gradient for them
+    # (as large as the attention weights) on every backward call would be wasted time
+    qkv = torch.randn(2, 14, 15, 3, 2, 32, requires_grad=True)
+    rpb = torch.randn(2, 13, 13, requires_grad=True)
+    with torch.autocast("cpu", enabled=False):
+        if packed:
+            out, probs = cpp_backend._na2d_packed_op(qkv, rpb, [7, 7], [1, 1], 0.2, True)
+        else:
+            out, probs = cpp_backend._na2d_op(*cpp_backend._unpack(qkv), rpb, [7, 7], [1, 1], 0.2, True)
+    assert out.requires_grad and not probs.requires_grad
+    with torch.profiler.profile(record_shapes=True) as profile:
+        out.sum().backward()
+    filled = [event.input_shapes[0] for event in profile.events() if event.name in ("aten::fill_", "aten::zero_")]
+    assert list(probs.shape) not in filled
+    assert qkv.grad is not None and rpb.grad is not None
+
+
 def test_packed_custom_op_passes_opcheck():
     generator = torch.Generator().manual_seed(0)
     qkv = torch.randn(1, 9, 10, 3, 2, 16, generator=generator)

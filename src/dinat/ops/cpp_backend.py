@@ -173,9 +173,17 @@ def _na2d_backward_fake(grad_out, q, k, v, probs, kernel_size, dilation, scale, 
     return grad_qkv, _rpb_grad_fake(probs, q.shape, kernel_size, want_rpb)
 
 
+def _probabilities_get_no_gradient(ctx, probs: torch.Tensor) -> None:
+    """The saved probabilities are an output only for backward's sake: no gradient flows into them, and backward
+    is not handed a zero-filled one (as large as the attention weights)."""
+    ctx.mark_non_differentiable(probs)
+    ctx.set_materialize_grads(False)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, rpb, kernel_size, dilation, scale, _ = inputs
     ctx.save_for_backward(q, k, v, output[1])
+    _probabilities_get_no_gradient(ctx, output[1])
     ctx.arguments = (kernel_size, dilation, scale)
     ctx.dtypes = (q.dtype, k.dtype, v.dtype, None if rpb is None else rpb.dtype)
 
@@ -219,6 +227,7 @@ def _na2d_packed_backward_fake(grad_out, qkv, probs, kernel_size, dilation, scal
 def _packed_setup_context(ctx, inputs, output):
     qkv, rpb, kernel_size, dilation, scale, _ = inputs
     ctx.save_for_backward(qkv, output[1])
+    _probabilities_get_no_gradient(ctx, output[1])
     ctx.arguments = (kernel_size, dilation, scale)
     ctx.dtypes = (qkv.dtype, None if rpb is None else rpb.dtype)
 
