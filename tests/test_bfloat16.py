@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from dinat import ops
-
 from dinat.ops import bfloat16
 
 linear_module = importlib.import_module("dinat.ops.linear")
@@ -33,14 +32,16 @@ def _operands(epilogue: str, dtype: torch.dtype):
     return cast(x), weight.float(), bias.float(), epilogue == "gelu", cast(residual)
 
 
+def _rounded64(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The test's own rounding to bfloat16, held in float64 for the references."""
+    return None if t is None else t.to(torch.bfloat16).double()
+
+
 def _bf16_reference(x, weight, bias, gelu, residual) -> torch.Tensor:
     """float64 arithmetic on the bfloat16-rounded operands, rounded to bfloat16 once."""
-    def rounded(t):
-        return None if t is None else t.to(torch.bfloat16).double()
-
-    out = F.linear(rounded(x), rounded(weight), rounded(bias))
+    out = F.linear(_rounded64(x), _rounded64(weight), _rounded64(bias))
     out = F.gelu(out) if gelu else out
-    out = out + rounded(residual) if residual is not None else out
+    out = out + _rounded64(residual) if residual is not None else out
     return out.to(torch.bfloat16)
 
 
@@ -123,8 +124,8 @@ def _conv_operands(dtype: torch.dtype):
         conv.bias.copy_(torch.randn(40, generator=generator, dtype=torch.float64))
     x = torch.randn(2, 24, 15, 17, generator=generator, dtype=torch.float64).mul(1 + 2 ** -10)
     reference = torch.nn.Conv2d(24, 40, kernel_size=3, stride=2, padding=1).to(torch.float64)
-    reference.load_state_dict({name: bfloat16.rounded(t).double() for name, t in conv.state_dict().items()})
-    want = reference(bfloat16.rounded(x).double()).to(torch.bfloat16)
+    reference.load_state_dict({name: _rounded64(t) for name, t in conv.state_dict().items()})
+    want = reference(_rounded64(x)).to(torch.bfloat16)
     return conv.float(), x.to(dtype), want
 
 
@@ -161,7 +162,7 @@ def test_bf16_conv_keeps_torchs_path_with_gradients_or_bf16_hardware_or_a_dtype_
     assert calls == [[torch.float32] * 3]
 
 
-def test_model_bf16_inference_runs_its_convs_and_linears_in_float32_without_bf16_instructions(monkeypatch):
+def test_model_bf16_inference_without_bf16_instructions_matches_onednns_bf16_and_float32(monkeypatch):
     from dinat import DinatConfig, DinatForImageClassification
 
     monkeypatch.setattr(bfloat16, "BF16_IN_HARDWARE", False)
