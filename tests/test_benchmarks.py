@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import FOUR_STAGES, tiny_config
+import pytest
+import torch
+from conftest import FOUR_STAGES, tiny_batch, tiny_config, tiny_model
+
+from dinat.ops import cpp_backend
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -82,14 +86,35 @@ def test_breakdown_sorts_a_tiny_dinats_time_into_kinds_of_op(tmp_path):
         assert kinds[0] > 0 and kinds[1] > 0  # linear layers and neighborhood attention both ran
 
 
-def test_breakdown_names_the_kind_of_each_op():
+def _breakdown_category():
     sys.path.insert(0, str(BENCHMARKS))
     try:
         from breakdown import category
     finally:
         sys.path.remove(str(BENCHMARKS))
+    return category
+
+
+def test_breakdown_names_the_kind_of_each_op():
+    category = _breakdown_category()
     assert category("dinat::na2d_cpp_packed_backward") == "attention"
+    # the training forward: the profiler records the op's autograd Function, not the op
+    assert category("GeneratedBackwardFor_dinat_na2d_cpp_packed_default") == "attention"
     assert category("mkldnn::_linear_pointwise") == category("aten::addmm") == category("aten::mm") == "linear"
     assert category("aten::convolution_backward") == category("aten::mkldnn_convolution") == "convolution"
     assert category("aten::native_layer_norm_backward") == "normalization"
     assert category("aten::gelu") == "other"
+
+
+def test_breakdown_counts_the_attention_forward_of_a_training_step_as_attention():
+    if cpp_backend.unavailable_reason() is not None:
+        pytest.skip(cpp_backend.unavailable_reason())
+    category = _breakdown_category()
+    model = tiny_model(**FOUR_STAGES).train()
+    pixels, labels = tiny_batch()
+    with torch.profiler.profile() as prof:
+        model(pixels, labels=labels).loss.backward()
+    names = {event.key for event in prof.key_averages() if "na2d" in event.key}
+    assert any(not name.lower().endswith("backward") for name in names), names  # the forward is among them
+    assert {name: category(name) for name in names} == dict.fromkeys(names, "attention")
+
