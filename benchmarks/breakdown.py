@@ -27,7 +27,8 @@ CATEGORIES = ("linear", "attention", "convolution", "normalization", "other")
 # op's forward kernel runs inside its generated autograd Function and the profiler shows that Function
 # (`GeneratedBackwardFor_dinat_na2d_cpp_packed_default`) instead of the op, hence "dinat_na2d"
 _PATTERNS = (
-    ("attention", ("dinat::na2d", "dinat_na2d", "aten::bmm", "aten::_softmax", "_scaled_dot_product", "aten::_softmax_backward")),
+    ("attention", ("dinat::na2d", "dinat_na2d", "aten::bmm", "aten::_softmax", "_scaled_dot_product",
+                   "aten::_softmax_backward")),
     ("linear", ("_linear_pointwise", "aten::addmm", "aten::mm", "_mkl_linear")),
     ("convolution", ("convolution",)),
     ("normalization", ("layer_norm",)),

@@ -1,7 +1,7 @@
 """`dinat.ops.layer_norm`: the C++ row kernel agrees with a float64 LayerNorm and runs where it should (CPU float32
-inference, channels a multiple of 16) and nowhere else; compiled CPU training runs the opaque aten-backed op, whose
-values and gradients are F.layer_norm's; the model's norms use both while keeping nn.LayerNorm's parameters, keys
-and gradients."""
+inference, eager or compiled, channels a multiple of 16) and nowhere else; compiled CPU training runs the opaque
+aten-backed op, whose values and gradients are F.layer_norm's; the model's norms use both while keeping
+nn.LayerNorm's parameters, keys and gradients."""
 
 from __future__ import annotations
 
@@ -114,6 +114,19 @@ def test_compiled_training_runs_the_opaque_op_with_f_layer_norm_gradients():
     want = loss(lambda x, w, b: F.layer_norm(x, (64,), w, b, 1e-5), x.double(), weight.double(), bias.double())
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compiled_inference_runs_the_row_kernel_where_the_width_allows(dynamic):
+    generator = torch.Generator().manual_seed(0)
+    compiled = torch.compile(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), fullgraph=True, dynamic=dynamic)
+    for shape, kernel_runs in [((2, 5, 7, 64), True), ((3, 4, 6, 128), True), ((3, 4, 6, 40), False)]:
+        x = torch.randn(shape, generator=generator) * 3 + 1.5
+        weight, bias = torch.randn(shape[-1], generator=generator), torch.randn(shape[-1], generator=generator)
+        with torch.no_grad():
+            got = compiled(x, weight, bias)
+            assert _ops_run(lambda: compiled(x, weight, bias)) == ({"dinat::layer_norm_rows"} if kernel_runs else set())
+        torch.testing.assert_close(got.double(), _reference(x, weight, bias, 1e-5), atol=1e-5, rtol=1e-5)
 
 
 def test_opaque_op_only_in_compiled_cpu_training():

@@ -1,10 +1,11 @@
 """LayerNorm over the last dimension, with the kernel that is fastest on CPU for each kind of call.
 
-- Eager inference: aten's CPU LayerNorm costs about three times a copy of the tensor on DiNAT's many short rows
+- Inference: aten's CPU LayerNorm costs about three times a copy of the tensor on DiNAT's many short rows
   (64-512 channels); the extension's kernel (`csrc/layer_norm_cpu.cpp`, built with the attention kernel)
   normalizes each row in L1 with the same float32 arithmetic. It runs where nothing needs gradients, on float32
-  CPU tensors whose channels are a multiple of 16, outside torch.compile (inductor fuses LayerNorm with its
-  neighbours itself).
+  CPU tensors whose channels are a multiple of 16, in compiled graphs too: there the norms sit between opaque
+  custom ops (the linears, attention) that inductor cannot fuse them with, and its own LayerNorm is 2-2.7x
+  slower per call on DiNAT's shapes.
 - Compiled training on CPU: inductor's generated LayerNorm backward (its weight and bias gradients reduce over
   tens of thousands of rows) is several times slower than aten's, so there the norm is one opaque custom op,
   `dinat::layer_norm_train`, whose forward and backward are aten's kernels.
@@ -31,16 +32,22 @@ def _layer_norm_rows_fake(x, weight, bias, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+@torch.compiler.assume_constant_result
+def _kernel_channel_multiple() -> int:
+    """The row kernel runs rows of a positive multiple of this many channels; 0 where it cannot run (not built,
+    no AVX-512). A constant to torch.compile, so that a symbolic width (dynamic shapes) is checked by a guard."""
+    return 0 if cpp_backend.unavailable_reason() is not None else cpp_backend.extension().layer_norm_channel_multiple()
+
+
 def _kernel_applies(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
-    if weight is None or bias is None or torch.compiler.is_compiling() or is_exporting():
+    if weight is None or bias is None or is_exporting():
         return False
     if x.device.type != "cpu" or not all(t.dtype == torch.float32 for t in (x, weight, bias)):
         return False
     if needs_grad(x, weight, bias):
         return False
-    if cpp_backend.unavailable_reason() is not None:
-        return False
-    return cpp_backend.extension().layer_norm_supported(x.shape[-1])
+    multiple = _kernel_channel_multiple()
+    return multiple > 0 and x.shape[-1] > 0 and x.shape[-1] % multiple == 0
 
 
 @torch.library.custom_op("dinat::layer_norm_train", mutates_args=())
@@ -96,8 +103,8 @@ def _opaque_in_compiled_training(x: torch.Tensor, weight: torch.Tensor | None, b
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """`F.layer_norm(x, (x.shape[-1],), weight, bias, eps)`, on the fastest CPU kernel for the call.
 
-    The C++ row kernel in float32 inference (channels a multiple of 16, AVX-512), one opaque op on aten's
-    kernels in compiled training, `F.layer_norm` everywhere else.
+    The C++ row kernel in float32 inference, eager or compiled (channels a multiple of 16, AVX-512), one
+    opaque op on aten's kernels in compiled training, `F.layer_norm` everywhere else.
 
     Args:
         x: (..., channels) input.

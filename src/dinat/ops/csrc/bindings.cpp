@@ -12,7 +12,7 @@ std::vector<torch::Tensor> forward(const torch::Tensor& q, const torch::Tensor& 
 std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::Tensor& q, const torch::Tensor& k,
                                     const torch::Tensor& v, const torch::Tensor& probs, int64_t kernel_h,
                                     int64_t kernel_w, int64_t dil_h, int64_t dil_w, double scale, bool want_rpb);
-bool layer_norm_rows_supported(int64_t channels);
+int64_t layer_norm_rows_channel_multiple();
 torch::Tensor layer_norm_rows(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
                               double eps);
 }  // namespace dinat
@@ -20,6 +20,7 @@ torch::Tensor layer_norm_rows(const torch::Tensor& x, const torch::Tensor& weigh
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &dinat::forward, "fused neighborhood attention, forward");
   m.def("backward", &dinat::backward, "fused neighborhood attention, backward");
-  m.def("layer_norm_supported", &dinat::layer_norm_rows_supported, "whether layer_norm runs for this many channels");
+  m.def("layer_norm_channel_multiple", &dinat::layer_norm_rows_channel_multiple,
+        "layer_norm runs rows of a positive multiple of this many channels (0: on no rows, this CPU lacks AVX-512)");
   m.def("layer_norm", &dinat::layer_norm_rows, "LayerNorm over the last dimension, float32, for inference");
 }

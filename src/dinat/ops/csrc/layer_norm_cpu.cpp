@@ -40,10 +40,16 @@ __attribute__((target("avx512f"))) void normalize_rows_avx512(const float* x, co
 
 namespace dinat {
 
-// True where layer_norm_rows runs: an AVX-512 CPU and a channel count that is a multiple of 16.
-bool layer_norm_rows_supported(int64_t channels) {
+// layer_norm_rows runs rows whose channel count is a positive multiple of this: 16 (one AVX-512 vector) on an
+// AVX-512 CPU, 0 (never) elsewhere.
+int64_t layer_norm_rows_channel_multiple() {
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  return avx512 && channels > 0 && channels % 16 == 0;
+  return avx512 ? 16 : 0;
+}
+
+bool layer_norm_rows_supported(int64_t channels) {
+  const int64_t multiple = layer_norm_rows_channel_multiple();
+  return multiple > 0 && channels > 0 && channels % multiple == 0;
 }
 
 torch::Tensor layer_norm_rows(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
