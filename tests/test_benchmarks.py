@@ -117,4 +117,3 @@ def test_breakdown_counts_the_attention_forward_of_a_training_step_as_attention(
     names = {event.key for event in prof.key_averages() if "na2d" in event.key}
     assert any(not name.lower().endswith("backward") for name in names), names  # the forward is among them
     assert {name: category(name) for name in names} == dict.fromkeys(names, "attention")
-
