@@ -25,10 +25,9 @@ from dinat import bench
 CATEGORIES = ("linear", "attention", "convolution", "normalization", "other")
 # aten/oneDNN op names (profiler self time) -> category; first match wins. Where autograd records, a custom
 # op's forward kernel runs inside its generated autograd Function and the profiler shows that Function
-# (`GeneratedBackwardFor_dinat_na2d_cpp_packed_default`) instead of the op, hence "dinat_na2d"
+# (`GeneratedBackwardFor_dinat_na2d_cpp_packed_default`) instead of the op, hence "na2d" rather than "dinat::na2d"
 _PATTERNS = (
-    ("attention", ("dinat::na2d", "dinat_na2d", "aten::bmm", "aten::_softmax", "_scaled_dot_product",
-                   "aten::_softmax_backward")),
+    ("attention", ("na2d", "aten::bmm", "aten::_softmax", "_scaled_dot_product", "aten::_softmax_backward")),
     ("linear", ("_linear_pointwise", "aten::addmm", "aten::mm", "_mkl_linear")),
     ("convolution", ("convolution",)),
     ("normalization", ("layer_norm",)),
