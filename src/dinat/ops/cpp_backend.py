@@ -9,7 +9,8 @@ directory) and needs a C++ compiler and ninja; without them, or with `DINAT_BUIL
 Like the torch backend's tiled kernel it is a custom op, `dinat::na2d_cpp` (separate q, k, v) or
 `dinat::na2d_cpp_packed` (one packed qkv projection, as DiNAT's layers pass it), each with its backward
 registered as its autograd formula, fake versions for tracing and a FLOP formula, so compiled CPU graphs call it
-too. Inputs in 16-bit floats are computed in float32 and returned in their dtype.
+too; gradient-free eager calls of the packed one skip the op's dispatch (`plan.calls_kernel_directly`). Inputs in
+16-bit floats are computed in float32 and returned in their dtype.
 """
 
 from __future__ import annotations
@@ -201,10 +202,14 @@ _na2d_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 # -- one packed (B, H, W, 3, heads, D) projection: its gradient comes back in its own layout, without copies ----
+def _forward_packed(qkv, rpb, kernel_size, dilation, scale, keep_probabilities):
+    return _forward(*_unpack(qkv), rpb, kernel_size, dilation, scale, keep_probabilities)
+
+
 @torch.library.custom_op("dinat::na2d_cpp_packed", mutates_args=())
 def _na2d_packed_op(qkv: torch.Tensor, rpb: torch.Tensor | None, kernel_size: list[int], dilation: list[int],
                     scale: float, keep_probabilities: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(*_unpack(qkv), rpb, kernel_size, dilation, scale, keep_probabilities)
+    return _forward_packed(qkv, rpb, kernel_size, dilation, scale, keep_probabilities)
 
 
 @_na2d_packed_op.register_fake
@@ -289,8 +294,10 @@ def na2d_packed(qkv: torch.Tensor, kernel_size: Pair, dilation: Pair, rpb: torch
                 scale: float | None = None) -> torch.Tensor:
     """`na2d` on q, k, v packed in one (B, H, W, 3, heads, D) projection; its gradient comes back in that layout."""
     scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
+    keep_probabilities = plan.needs_grad(qkv, rpb)
+    run = _forward_packed if not keep_probabilities and plan.calls_kernel_directly(qkv) else _na2d_packed_op
     with torch.autocast("cpu", enabled=False):
-        out, _ = _na2d_packed_op(qkv, rpb, list(kernel_size), list(dilation), scale, plan.needs_grad(qkv, rpb))
+        out, _ = run(qkv, rpb, list(kernel_size), list(dilation), scale, keep_probabilities)
     return out if out.dtype == qkv.dtype else out.to(qkv.dtype)
 
 

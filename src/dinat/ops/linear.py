@@ -7,7 +7,7 @@ same fp32 arithmetic; numbers in docs/performance.md).
 
 The oneDNN call is wrapped in one custom op, `dinat::linear_epilogue`, with a fake (shape-only) version, so
 that a compiled graph calls the same kernel as eager (inductor cannot lower the raw oneDNN op without its
-own weight prepacking). It has no autograd: it runs only where nothing needs gradients; elsewhere (training,
+own weight prepacking); plain eager calls skip the op's dispatch (`plan.calls_kernel_directly`). It has no autograd: it runs only where nothing needs gradients; elsewhere (training,
 other devices) these are the plain F.linear / F.gelu / add, which autograd and inductor handle.
 
 In bfloat16 on CPUs without bfloat16 instructions, the same op runs in float32 on rounded operands (`bfloat16`).
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bfloat16
-from .plan import needs_grad
+from .plan import calls_kernel_directly, needs_grad
 
 
 # read once: torch.compile cannot trace the query itself
@@ -38,9 +38,8 @@ def _fused_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     return x.dtype if x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16) else None
 
 
-@torch.library.custom_op("dinat::linear_epilogue", mutates_args=())
-def _linear_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool,
-                     residual: torch.Tensor | None) -> torch.Tensor:
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool,
+                   residual: torch.Tensor | None) -> torch.Tensor:
     x, weight = x.contiguous(), weight.contiguous()
     pointwise = torch.ops.mkldnn._linear_pointwise
     if residual is not None:
@@ -48,9 +47,21 @@ def _linear_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
 
 
-@_linear_epilogue.register_fake
+@torch.library.custom_op("dinat::linear_epilogue", mutates_args=())
+def _linear_epilogue_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool,
+                        residual: torch.Tensor | None) -> torch.Tensor:
+    return _onednn_linear(x, weight, bias, gelu, residual)
+
+
+@_linear_epilogue_op.register_fake
 def _linear_epilogue_fake(x, weight, bias, gelu, residual):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _linear_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool,
+                     residual: torch.Tensor | None) -> torch.Tensor:
+    run = _onednn_linear if calls_kernel_directly(x) else _linear_epilogue_op
+    return run(x, weight, bias, gelu, residual)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
