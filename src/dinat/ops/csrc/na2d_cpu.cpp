@@ -23,7 +23,9 @@
 #include <cstdint>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -363,8 +365,8 @@ bool fast_path(const torch::Tensor& q, int64_t window) {
 }
 
 // ---- float32 forward on AVX-512 with 16 queries per vector ------------------------------------------------
-// Lanes are up to 16 queries of one row. Per (batch, head), keys and values are copied once into a transposed
-// layout, [row][channel][column] with the columns of each dilation group side by side, so that for one channel
+// Lanes are up to 16 queries of one row. Per (batch, head), each key and value row is copied once into a
+// transposed layout, [channel][column] with the columns of each dilation group side by side, so that for one channel
 // the keys of the lanes' windows lie within 32 adjacent floats: two loads and a permute give the key of window
 // column c of every lane (even where the lanes' windows are consecutive: unaligned loads that cross a cache line
 // measured twice as slow here), and scores, softmax and the weighted sum of values are vectors over the lanes,
@@ -479,22 +481,22 @@ DINAT_AVX512 inline void window_row_values(const float* probs, const float* valu
   }
 }
 
+// key_rows[a] / value_rows[a]: the transposed keys / values of window row a, [channel][column]
 template <int KernelW>
-DINAT_AVX512 void forward_tile(const Geometry& g, const LaneTile& tile, const int64_t* row_keys, const int64_t* row_rel,
-                               const float* keys_t, const float* values_t, int64_t padded_width, const float* bias,
-                               const float* query_t, float* scores, float* out_t) {
+DINAT_AVX512 void forward_tile(const Geometry& g, const LaneTile& tile, const float* const* key_rows,
+                               const float* const* value_rows, const int64_t* row_rel, int64_t padded_width,
+                               const float* bias, const float* query_t, float* scores, float* out_t) {
   __m512i index[KernelW], rel_index[KernelW];
   const __m512i start = _mm512_load_si512(tile.start), rel = _mm512_load_si512(tile.rel);
   for (int c = 0; c < KernelW; ++c) {
     index[c] = _mm512_add_epi32(start, _mm512_set1_epi32(c));
     rel_index[c] = _mm512_add_epi32(rel, _mm512_set1_epi32(c));
   }
-  const int64_t channel_stride = padded_width, row_stride = g.dim * padded_width;
+  const int64_t channel_stride = padded_width;
   __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t a = 0; a < g.kernel_h; ++a) {
     __m512 acc[KernelW];
-    window_row_scores<KernelW>(query_t, keys_t + row_keys[a] * row_stride + tile.base, channel_stride, g.dim, index,
-                               acc);
+    window_row_scores<KernelW>(query_t, key_rows[a] + tile.base, channel_stride, g.dim, index, acc);
     if (bias != nullptr) {  // the RPB row, padded to 32 floats
       const float* bias_row = bias + row_rel[a] * 32;
       const __m512 lo = _mm512_loadu_ps(bias_row), hi = _mm512_loadu_ps(bias_row + 16);
@@ -519,9 +521,8 @@ DINAT_AVX512 void forward_tile(const Geometry& g, const LaneTile& tile, const in
     __m512 acc[kValueChannels];
     for (int u = 0; u < kValueChannels; ++u) acc[u] = _mm512_setzero_ps();
     for (int64_t a = 0; a < g.kernel_h; ++a)
-      window_row_values<KernelW>(scores + 16 * a * KernelW,
-                                 values_t + row_keys[a] * row_stride + e * channel_stride + tile.base, channel_stride,
-                                 index, acc);
+      window_row_values<KernelW>(scores + 16 * a * KernelW, value_rows[a] + e * channel_stride + tile.base,
+                                 channel_stride, index, acc);
     for (int u = 0; u < kValueChannels; ++u) _mm512_store_ps(out_t + 16 * (e + u), acc[u]);
   }
 }
@@ -548,7 +549,12 @@ DINAT_AVX512 void forward_heads_lanes(const Geometry& g, const AxisWindows& rows
                                       const float* bp, float* op, const View5& os, float* pp, float scale,
                                       int64_t begin, int64_t end) {
   const int64_t padded_width = g.width + 32;  // the permute's 32-float reads stay inside a row
-  std::vector<float> keys_t(g.height * g.dim * padded_width, 0.0f), values_t(keys_t.size(), 0.0f);
+  // Transposed key and value rows live in a ring of kernel_h slots: rows are visited group by group, so that
+  // the next row's window shares all but one key row with this one, and the ring stays in L2 (the whole map
+  // transposed would not, at DiNAT's first stage).
+  const int64_t row_floats = g.dim * padded_width;
+  std::vector<float> keys_t(g.kernel_h * row_floats, 0.0f), values_t(keys_t.size(), 0.0f);
+  std::vector<int64_t> slot_row(g.kernel_h);
   std::vector<float> bias(bp != nullptr ? (2 * g.kernel_h - 1) * 32 : 0, 0.0f);
   std::vector<float> zeros(g.dim, 0.0f);
   std::vector<int64_t> column_at(g.width);
@@ -557,36 +563,47 @@ DINAT_AVX512 void forward_heads_lanes(const Geometry& g, const AxisWindows& rows
   alignas(64) float out_t[64 * 16];
   std::vector<float> scores_storage(kMaxWindow * 16 + 16);
   float* scores = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scores_storage.data()) + 63) & ~uintptr_t(63));
+  std::vector<const float*> key_rows(g.kernel_h), value_rows(g.kernel_h);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / g.heads, h = task % g.heads;
-    // keys and values transposed, 16 columns at a time (columns past the row's end read a row of zeros)
-    for (int64_t r = 0; r < g.height; ++r)
-      for (int64_t first = 0; first < g.width; first += 16) {
-        const float* key_rows[16];
-        const float* value_rows[16];
-        for (int64_t l = 0; l < 16; ++l) {
-          const bool inside = first + l < g.width;
-          const int64_t x = inside ? column_at[first + l] : 0;
-          key_rows[l] = inside ? kp + b * ks.s0 + h * ks.s1 + r * ks.s2 + x * ks.s3 : zeros.data();
-          value_rows[l] = inside ? vp + b * vs.s0 + h * vs.s1 + r * vs.s2 + x * vs.s3 : zeros.data();
+    std::fill(slot_row.begin(), slot_row.end(), int64_t(-1));
+    // key and value row r transposed into its slot, 16 columns at a time (columns past the row's end read a row
+    // of zeros); rows of one window fall in distinct slots, since they are consecutive within their group
+    auto transposed_row = [&](int64_t r) {
+      const int64_t slot = (r / rows.dilation) % g.kernel_h;
+      float* key_slot = keys_t.data() + slot * row_floats;
+      float* value_slot = values_t.data() + slot * row_floats;
+      if (slot_row[slot] != r) {
+        slot_row[slot] = r;
+        for (int64_t first = 0; first < g.width; first += 16) {
+          const float* key_src[16];
+          const float* value_src[16];
+          for (int64_t l = 0; l < 16; ++l) {
+            const bool inside = first + l < g.width;
+            const int64_t x = inside ? column_at[first + l] : 0;
+            key_src[l] = inside ? kp + b * ks.s0 + h * ks.s1 + r * ks.s2 + x * ks.s3 : zeros.data();
+            value_src[l] = inside ? vp + b * vs.s0 + h * vs.s1 + r * vs.s2 + x * vs.s3 : zeros.data();
+          }
+          gather_transposed(key_src, g.dim, 1.0f, key_slot + first, padded_width);
+          gather_transposed(value_src, g.dim, 1.0f, value_slot + first, padded_width);
         }
-        gather_transposed(key_rows, g.dim, 1.0f, keys_t.data() + r * g.dim * padded_width + first, padded_width);
-        gather_transposed(value_rows, g.dim, 1.0f, values_t.data() + r * g.dim * padded_width + first, padded_width);
       }
+      return std::make_pair(static_cast<const float*>(key_slot), static_cast<const float*>(value_slot));
+    };
     if (bp != nullptr)
       for (int64_t row = 0; row < 2 * g.kernel_h - 1; ++row)
         std::copy_n(bp + h * g.rpb_hw + row * g.rpb_w, g.rpb_w, bias.data() + row * 32);
-    for (int64_t i = 0; i < g.height; ++i) {
+    for (const int64_t i : rows.order) {
       const int64_t* row_keys = &rows.keys[i * g.kernel_h];
       const int64_t* row_rel = &rows.rel[i * g.kernel_h];
+      for (int64_t a = 0; a < g.kernel_h; ++a) std::tie(key_rows[a], value_rows[a]) = transposed_row(row_keys[a]);
       for (const LaneTile& tile : tiles) {
         const float* query_rows[16];
         for (int64_t lane = 0; lane < 16; ++lane)
           query_rows[lane] = qp + b * qs.s0 + h * qs.s1 + i * qs.s2 + tile.column[lane] * qs.s3;
         gather_transposed(query_rows, g.dim, scale, query_t, 16);
         const float* bias_h = bp != nullptr ? bias.data() : nullptr;
-        forward_tile<KernelW>(g, tile, row_keys, row_rel, keys_t.data(), values_t.data(), padded_width, bias_h, query_t,
-                              scores, out_t);
+        forward_tile<KernelW>(g, tile, key_rows.data(), value_rows.data(), row_rel, padded_width, bias_h, query_t, scores, out_t);
         const __mmask16 used = static_cast<__mmask16>((1u << tile.count) - 1);
         scatter_transposed(out_t, g.dim, tile, op + b * os.s0 + h * os.s1 + i * os.s2, os.s3, used);
         if (pp != nullptr)
