@@ -7,8 +7,9 @@ same fp32 arithmetic; numbers in docs/performance.md).
 
 The oneDNN call is wrapped in one custom op, `dinat::linear_epilogue`, with a fake (shape-only) version, so
 that a compiled graph calls the same kernel as eager (inductor cannot lower the raw oneDNN op without its
-own weight prepacking); plain eager calls skip the op's dispatch (`plan.calls_kernel_directly`). It has no autograd: it runs only where nothing needs gradients; elsewhere (training,
-other devices) these are the plain F.linear / F.gelu / add, which autograd and inductor handle.
+own weight prepacking); plain eager calls skip the op's dispatch (`plan.calls_kernel_directly`). It has no
+autograd: it runs only where nothing needs gradients; elsewhere (training, other devices) these are the plain
+F.linear / F.gelu / add, which autograd and inductor handle.
 
 In bfloat16 on CPUs without bfloat16 instructions, the same op runs in float32 on rounded operands (`bfloat16`).
 """

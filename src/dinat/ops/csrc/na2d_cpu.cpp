@@ -603,7 +603,8 @@ DINAT_AVX512 void forward_heads_lanes(const Geometry& g, const AxisWindows& rows
           query_rows[lane] = qp + b * qs.s0 + h * qs.s1 + i * qs.s2 + tile.column[lane] * qs.s3;
         gather_transposed(query_rows, g.dim, scale, query_t, 16);
         const float* bias_h = bp != nullptr ? bias.data() : nullptr;
-        forward_tile<KernelW>(g, tile, key_rows.data(), value_rows.data(), row_rel, padded_width, bias_h, query_t, scores, out_t);
+        forward_tile<KernelW>(g, tile, key_rows.data(), value_rows.data(), row_rel, padded_width, bias_h, query_t,
+                              scores, out_t);
         const __mmask16 used = static_cast<__mmask16>((1u << tile.count) - 1);
         scatter_transposed(out_t, g.dim, tile, op + b * os.s0 + h * os.s1 + i * os.s2, os.s3, used);
         if (pp != nullptr)
