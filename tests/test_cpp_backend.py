@@ -71,6 +71,26 @@ def test_half_inputs_are_computed_in_float32_and_returned_in_their_dtype(dtype):
     reference_run(VECTOR_CASES[1], seed=3).check_backend("cpp", dtype, backward=True)
 
 
+@pytest.mark.parametrize("case, reads_in_place", [(VECTOR_CASES[1], True), (VECTOR_CASES[4], True),
+                                                   (GROUP_CASES[0], True), (GROUP_CASES[1], True),
+                                                   (VECTOR_CASES[5], False), (LOOP_CASES[0], False)], ids=str)
+def test_bfloat16_is_read_in_place_where_the_fast_paths_run(case, reads_in_place):
+    # the group and 16-queries paths convert bfloat16 as they gather; the others get a float32 copy first. Either
+    # way the result is the float32 kernel's on the widened (exact) inputs, bit for bit.
+    generator = torch.Generator().manual_seed(2)
+    shape = (case.batch, case.heads, case.height, case.width, case.head_dim)
+    q, k, v = (torch.randn(shape, generator=generator).bfloat16() for _ in range(3))
+    rpb = torch.randn(case.heads, 2 * case.kernel - 1, 2 * case.kernel - 1, generator=generator)
+    arguments = (rpb, case.kernel, case.kernel, case.dilation, case.dilation, 0.3, True)
+    with torch.profiler.profile(record_shapes=True) as profile:
+        out, probs = cpp_backend.extension().forward(q, k, v, *arguments)
+    widened = [event for event in profile.events() if event.name == "aten::copy_"]
+    assert (not widened) == reads_in_place
+    want_out, want_probs = cpp_backend.extension().forward(q.float(), k.float(), v.float(), *arguments)
+    assert out.dtype == probs.dtype == torch.float32
+    assert torch.equal(out, want_out) and torch.equal(probs, want_probs)
+
+
 def test_scale_argument_is_applied():
     reference_run(VECTOR_CASES[0], scale=0.3).check_backend("cpp", torch.float32, backward=True)
 

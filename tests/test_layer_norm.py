@@ -1,5 +1,6 @@
 """`dinat.ops.layer_norm`: the C++ row kernel agrees with a float64 LayerNorm and runs where it should (CPU float32
-inference, eager or compiled, channels a multiple of 16) and nowhere else; compiled CPU training runs the opaque
+inference, and bfloat16 with float32 weight and bias as under autocast, eager or compiled, channels a multiple of
+16) and nowhere else; compiled CPU training runs the opaque
 aten-backed op, whose values and gradients are F.layer_norm's; the model's norms use both while keeping
 nn.LayerNorm's parameters, keys and gradients."""
 
@@ -53,6 +54,44 @@ def test_other_calls_run_f_layer_norm():
         odd = torch.randn(3, 40)
         torch.testing.assert_close(ops.layer_norm(odd, torch.ones(40), torch.zeros(40), 1e-5),
                                    F.layer_norm(odd, (40,), eps=1e-5))
+
+
+def test_bfloat16_rows_are_normalized_in_float32_and_rounded_once():
+    # autocast's LayerNorm: bfloat16 activations, float32 weight and bias, bfloat16 out (aten's mixed-dtype kernel)
+    generator = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 9, 11, 128, generator=generator) * 3 + 1.5).bfloat16()
+    x[0, 0, 0, 5] = float("nan")
+    weight, bias = torch.randn(128, generator=generator), torch.randn(128, generator=generator)
+    assert layer_norm_module._kernel_applies(x, weight, bias)
+    assert not layer_norm_module._kernel_applies(x, weight.bfloat16(), bias.bfloat16())  # F.layer_norm's own dtype
+    with torch.no_grad():
+        got = ops.layer_norm(x, weight, bias, 1e-5)
+        float32_rows = ops.layer_norm(x.float(), weight, bias, 1e-5)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    # each value the float32 kernel's, rounded to nearest even (torch's rounding), a NaN row all NaN (its sign
+    # bit is not compared: torch's conversion keeps it on CPUs with bfloat16 instructions only)
+    nan_row = got[0, 0, 0]
+    assert nan_row.isnan().all() and got.isnan().sum() == nan_row.numel()
+    got[0, 0, 0] = float32_rows[0, 0, 0] = 0
+    assert torch.equal(got.view(torch.int16), float32_rows.bfloat16().view(torch.int16))
+    reference = _reference(x.float(), weight, bias, 1e-5).bfloat16()
+    torch.testing.assert_close(got[1:], reference[1:], atol=0, rtol=2 ** -7)  # one bfloat16 step at most
+
+
+def test_model_norms_use_the_kernel_under_bfloat16_autocast():
+    model = _tiny_model()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fast = model(pixels).last_hidden_state
+        events = {event.key for event in prof.key_averages()}
+        assert "dinat::layer_norm_rows" in events and "aten::native_layer_norm" not in events
+        norms = [m for m in model.modules() if isinstance(m, DinatLayerNorm)]
+        for norm in norms:
+            norm.forward = lambda x, norm=norm: F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        plain = model(pixels).last_hidden_state
+    assert fast.dtype == plain.dtype
+    torch.testing.assert_close(fast.float(), plain.float(), atol=2e-2, rtol=2e-2)
 
 
 def _tiny_model():

@@ -32,6 +32,7 @@ Pair = tuple[int, int]
 # one extension module: the attention kernel, the inference LayerNorm (ops/layer_norm.py) and their bindings
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("bindings.cpp", "na2d_cpu.cpp", "layer_norm_cpu.cpp"))
+HEADERS = (Path(__file__).with_name("csrc") / "bfloat16_avx512.h",)  # part of the build's name, not compiled alone
 BUILD_SWITCH = "DINAT_BUILD_KERNELS"
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 _DTYPES = _COMPUTE_DTYPES + (torch.bfloat16, torch.float16)
@@ -61,7 +62,7 @@ def _build():
     """(the compiled extension module, None), or (None, why it could not be built); built once per process."""
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS)).hexdigest()
     # the name changes with the sources, so a cached build of older sources is never loaded
     name = "dinat_na2d_cpu_" + digest[:12]
     logger.info("building the C++ neighborhood-attention kernel %s (once; cached by torch)", name)
@@ -119,8 +120,9 @@ def _last_dim_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _forward(q, k, v, rpb, kernel_size, dilation, scale, keep_probabilities):
-    compute = _compute_dtype(q.dtype)
-    q, k, v = (_last_dim_contiguous(t, compute) for t in (q, k, v))
+    # bfloat16 goes in as it is: the kernel converts it to float32 as it reads it (or makes the copy itself)
+    source = torch.bfloat16 if q.dtype == torch.bfloat16 else _compute_dtype(q.dtype)
+    q, k, v = (_last_dim_contiguous(t, source) for t in (q, k, v))
     return tuple(extension().forward(q, k, v, rpb, *kernel_size, *dilation, scale, keep_probabilities))
 
 

@@ -2,14 +2,15 @@
 
 - Inference: aten's CPU LayerNorm costs about three times a copy of the tensor on DiNAT's many short rows
   (64-512 channels); the extension's kernel (`csrc/layer_norm_cpu.cpp`, built with the attention kernel)
-  normalizes each row in L1 with the same float32 arithmetic. It runs where nothing needs gradients, on float32
-  CPU tensors whose channels are a multiple of 16, in compiled graphs too: there the norms sit between opaque
+  normalizes each row in L1 with the same float32 arithmetic. It runs where nothing needs gradients, on CPU
+  tensors whose channels are a multiple of 16, float32, or bfloat16 with float32 weight and bias (autocast:
+  computed in float32 and rounded once, as aten does), in compiled graphs too: there the norms sit between opaque
   custom ops (the linears, attention) that inductor cannot fuse them with, and its own LayerNorm is 2-2.7x
   slower per call on DiNAT's shapes. Plain eager calls skip the op's dispatch (`plan.calls_kernel_directly`).
 - Compiled training on CPU: inductor's generated LayerNorm backward (its weight and bias gradients reduce over
   tens of thousands of rows) is several times slower than aten's, so there the norm is one opaque custom op,
   `dinat::layer_norm_train`, whose forward and backward are aten's kernels.
-- Everything else (eager training, other devices, autocast, export) is `F.layer_norm`.
+- Everything else (eager training, other devices, other dtypes, export) is `F.layer_norm`.
 Numbers in docs/performance.md.
 """
 
@@ -46,7 +47,10 @@ def _kernel_channel_multiple() -> int:
 def _kernel_applies(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
     if weight is None or bias is None or is_exporting():
         return False
-    if x.device.type != "cpu" or not all(t.dtype == torch.float32 for t in (x, weight, bias)):
+    # bfloat16 rows with float32 weight and bias (autocast's LayerNorm): aten's mixed-dtype kernel, bfloat16 out
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if weight.dtype != torch.float32 or bias.dtype != torch.float32:
         return False
     if needs_grad(x, weight, bias):
         return False
@@ -107,7 +111,7 @@ def _opaque_in_compiled_training(x: torch.Tensor, weight: torch.Tensor | None, b
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """`F.layer_norm(x, (x.shape[-1],), weight, bias, eps)`, on the fastest CPU kernel for the call.
 
-    The C++ row kernel in float32 inference, eager or compiled (channels a multiple of 16, AVX-512), one
+    The C++ row kernel in float32 and bfloat16 inference, eager or compiled (channels a multiple of 16, AVX-512), one
     opaque op on aten's kernels in compiled training, `F.layer_norm` everywhere else.
 
     Args:

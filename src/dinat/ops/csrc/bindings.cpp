@@ -22,5 +22,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &dinat::backward, "fused neighborhood attention, backward");
   m.def("layer_norm_channel_multiple", &dinat::layer_norm_rows_channel_multiple,
         "layer_norm runs rows of a positive multiple of this many channels (0: on no rows, this CPU lacks AVX-512)");
-  m.def("layer_norm", &dinat::layer_norm_rows, "LayerNorm over the last dimension, float32, for inference");
+  m.def("layer_norm", &dinat::layer_norm_rows,
+        "LayerNorm over the last dimension of float32 or bfloat16 rows, float32 weight and bias, for inference");
 }

@@ -1,4 +1,5 @@
-// LayerNorm over the last dimension of a contiguous float32 tensor, for inference on CPU.
+// LayerNorm over the last dimension of a contiguous float32 or bfloat16 tensor, for inference on CPU (bfloat16:
+// computed in float32 with float32 weight and bias, rounded once, as aten's mixed-dtype LayerNorm).
 //
 // aten's CPU kernel spends most of its time per row on DiNAT's short rows (64-512 channels, tens of thousands of
 // rows); here a row is read once from memory into L1 and normalized there: the mean, then the variance of the
@@ -10,28 +11,36 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstdint>
+
+#include "bfloat16_avx512.h"
 
 namespace {
 
-__attribute__((target("avx512f"))) void normalize_rows_avx512(const float* x, const float* weight, const float* bias,
-                                                              float* y, int64_t channels, int64_t begin, int64_t end,
+using dinat_simd::load16;
+using dinat_simd::store16;
+
+// In and Out: float, or uint16_t holding bfloat16
+template <typename In, typename Out>
+__attribute__((target("avx512f"))) void normalize_rows_avx512(const In* x, const float* weight, const float* bias,
+                                                              Out* y, int64_t channels, int64_t begin, int64_t end,
                                                               float eps) {
   const float inverse_channels = 1.0f / static_cast<float>(channels);
   for (int64_t r = begin; r < end; ++r) {
-    const float* in = x + r * channels;
-    float* out = y + r * channels;
+    const In* in = x + r * channels;
+    Out* out = y + r * channels;
     __m512 sum = _mm512_setzero_ps();
-    for (int64_t c = 0; c < channels; c += 16) sum = _mm512_add_ps(sum, _mm512_loadu_ps(in + c));
+    for (int64_t c = 0; c < channels; c += 16) sum = _mm512_add_ps(sum, load16(in + c));
     const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) * inverse_channels);
     __m512 squares = _mm512_setzero_ps();
     for (int64_t c = 0; c < channels; c += 16) {
-      const __m512 centred = _mm512_sub_ps(_mm512_loadu_ps(in + c), mean);
+      const __m512 centred = _mm512_sub_ps(load16(in + c), mean);
       squares = _mm512_fmadd_ps(centred, centred, squares);
     }
     const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(squares) * inverse_channels + eps));
     for (int64_t c = 0; c < channels; c += 16) {
-      const __m512 normalized = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(in + c), mean), rstd);
-      _mm512_storeu_ps(out + c, _mm512_fmadd_ps(normalized, _mm512_loadu_ps(weight + c), _mm512_loadu_ps(bias + c)));
+      const __m512 normalized = _mm512_mul_ps(_mm512_sub_ps(load16(in + c), mean), rstd);
+      store16(out + c, _mm512_fmadd_ps(normalized, _mm512_loadu_ps(weight + c), _mm512_loadu_ps(bias + c)));
     }
   }
 }
@@ -55,21 +64,31 @@ bool layer_norm_rows_supported(int64_t channels) {
 torch::Tensor layer_norm_rows(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
                               double eps) {
   const int64_t channels = x.size(-1);
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous(),
-              "layer_norm_rows: expected a contiguous float32 CPU tensor");
+  const bool bfloat16 = x.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == torch::kFloat || bfloat16) && x.is_contiguous(),
+              "layer_norm_rows: expected a contiguous float32 or bfloat16 CPU tensor");
   TORCH_CHECK(weight.numel() == channels && bias.numel() == channels && weight.is_contiguous() && bias.is_contiguous()
                   && weight.scalar_type() == torch::kFloat && bias.scalar_type() == torch::kFloat,
               "layer_norm_rows: weight and bias must be contiguous float32 with one value per channel");
   TORCH_CHECK(layer_norm_rows_supported(channels), "layer_norm_rows: needs AVX-512 and channels a multiple of 16");
   auto y = torch::empty_like(x);
   const int64_t rows = channels == 0 ? 0 : x.numel() / channels;
-  const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-    normalize_rows_avx512(xp, wp, bp, yp, channels, begin, end, static_cast<float>(eps));
-  });
+  const float e = static_cast<float>(eps);
+  if (bfloat16) {
+    const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+      normalize_rows_avx512(xp, wp, bp, yp, channels, begin, end, e);
+    });
+  } else {
+    const float* xp = x.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+      normalize_rows_avx512(xp, wp, bp, yp, channels, begin, end, e);
+    });
+  }
   return y;
 }
 

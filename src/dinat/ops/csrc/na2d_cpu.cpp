@@ -13,11 +13,15 @@
 //     one query at a time, its keys' dot products summed 16 at a time (`forward_rows_avx512`,
 //     `backward_heads_avx512`);
 //   - everything else (float64, other head_dims, CPUs without AVX-512): plain loops.
+// bfloat16 q, k, v (autocast) compute in float32: the first two paths widen them as they gather them, the others
+// get a float32 copy first.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
+
+#include "bfloat16_avx512.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -29,6 +33,8 @@
 #include <vector>
 
 namespace {
+
+using dinat_simd::load16;
 
 // keys[i * K + t]: position of the t-th key in the window of query i; rel[i * K + t]: its RPB index
 struct AxisWindows {
@@ -358,10 +364,15 @@ bool with_chunks(int64_t dim, Fn&& fn) {
   }
 }
 
-bool fast_path(const torch::Tensor& q, int64_t window) {
+// an AVX-512 CPU, a head_dim of whole vectors up to 64 and at most kMaxWindow keys
+bool vector_shape(const torch::Tensor& q, int64_t window) {
   static const bool avx512 = __builtin_cpu_supports("avx512f");
   const int64_t dim = q.size(4);
-  return avx512 && q.scalar_type() == torch::kFloat && window <= kMaxWindow && dim % 16 == 0 && dim <= 64;
+  return avx512 && window <= kMaxWindow && dim % 16 == 0 && dim <= 64;
+}
+
+bool fast_path(const torch::Tensor& q, int64_t window) {
+  return q.scalar_type() == torch::kFloat && vector_shape(q, window);
 }
 
 // ---- float32 forward on AVX-512 with 16 queries per vector ------------------------------------------------
@@ -444,13 +455,15 @@ DINAT_AVX512 inline void transpose16(__m512* m) {
   }
 }
 
-// rows[l] (16 pointers to `dim` floats) -> out[e * 16 + l] for e < dim, each row times `scale`
-DINAT_AVX512 inline void gather_transposed(const float* const* rows, int64_t dim, float scale, float* out,
+// rows[l] (16 pointers to `dim` values, Src float32 or bfloat16) -> out[e * 16 + l] for e < dim, as float32,
+// each row times `scale`
+template <typename Src>
+DINAT_AVX512 inline void gather_transposed(const Src* const* rows, int64_t dim, float scale, float* out,
                                            int64_t out_stride) {
   const __m512 factor = _mm512_set1_ps(scale);
   for (int64_t chunk = 0; chunk < dim; chunk += 16) {
     __m512 m[16];
-    for (int l = 0; l < 16; ++l) m[l] = _mm512_mul_ps(_mm512_loadu_ps(rows[l] + chunk), factor);
+    for (int l = 0; l < 16; ++l) m[l] = _mm512_mul_ps(load16(rows[l] + chunk), factor);
     transpose16(m);
     for (int e = 0; e < 16; ++e) _mm512_storeu_ps(out + (chunk + e) * out_stride, m[e]);
   }
@@ -542,10 +555,10 @@ DINAT_AVX512 inline void scatter_transposed(const float* in, int64_t count, cons
   }
 }
 
-template <int KernelW>
+template <int KernelW, typename Src>
 DINAT_AVX512 void forward_heads_lanes(const Geometry& g, const AxisWindows& rows, const std::vector<LaneTile>& tiles,
-                                      const std::vector<int64_t>& position, const float* qp, const View5& qs,
-                                      const float* kp, const View5& ks, const float* vp, const View5& vs,
+                                      const std::vector<int64_t>& position, const Src* qp, const View5& qs,
+                                      const Src* kp, const View5& ks, const Src* vp, const View5& vs,
                                       const float* bp, float* op, const View5& os, float* pp, float scale,
                                       int64_t begin, int64_t end) {
   const int64_t padded_width = g.width + 32;  // the permute's 32-float reads stay inside a row
@@ -556,7 +569,7 @@ DINAT_AVX512 void forward_heads_lanes(const Geometry& g, const AxisWindows& rows
   std::vector<float> keys_t(g.kernel_h * row_floats, 0.0f), values_t(keys_t.size(), 0.0f);
   std::vector<int64_t> slot_row(g.kernel_h);
   std::vector<float> bias(bp != nullptr ? (2 * g.kernel_h - 1) * 32 : 0, 0.0f);
-  std::vector<float> zeros(g.dim, 0.0f);
+  std::vector<Src> zeros(g.dim, Src(0));
   std::vector<int64_t> column_at(g.width);
   for (int64_t x = 0; x < g.width; ++x) column_at[position[x]] = x;
   alignas(64) float query_t[64 * 16];
@@ -576,8 +589,8 @@ DINAT_AVX512 void forward_heads_lanes(const Geometry& g, const AxisWindows& rows
       if (slot_row[slot] != r) {
         slot_row[slot] = r;
         for (int64_t first = 0; first < g.width; first += 16) {
-          const float* key_src[16];
-          const float* value_src[16];
+          const Src* key_src[16];
+          const Src* value_src[16];
           for (int64_t l = 0; l < 16; ++l) {
             const bool inside = first + l < g.width;
             const int64_t x = inside ? column_at[first + l] : 0;
@@ -598,7 +611,7 @@ DINAT_AVX512 void forward_heads_lanes(const Geometry& g, const AxisWindows& rows
       const int64_t* row_rel = &rows.rel[i * g.kernel_h];
       for (int64_t a = 0; a < g.kernel_h; ++a) std::tie(key_rows[a], value_rows[a]) = transposed_row(row_keys[a]);
       for (const LaneTile& tile : tiles) {
-        const float* query_rows[16];
+        const Src* query_rows[16];
         for (int64_t lane = 0; lane < 16; ++lane)
           query_rows[lane] = qp + b * qs.s0 + h * qs.s1 + i * qs.s2 + tile.column[lane] * qs.s3;
         gather_transposed(query_rows, g.dim, scale, query_t, 16);
@@ -786,37 +799,37 @@ struct Scratch {
 };
 
 // rows[t] of the group (dim floats each) -> out: row-major [t][dim] (times scale)
-template <int Chunks>
-DINAT_AVX512 inline void gather_rows(const float* const* rows, int64_t count, float scale, float* out) {
+template <int Chunks, typename Src>
+DINAT_AVX512 inline void gather_rows(const Src* const* rows, int64_t count, float scale, float* out) {
   const __m512 factor = _mm512_set1_ps(scale);
   for (int64_t t = 0; t < count; ++t)
     for (int c = 0; c < Chunks; ++c)
-      _mm512_store_ps(out + t * 16 * Chunks + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(rows[t] + 16 * c), factor));
+      _mm512_store_ps(out + t * 16 * Chunks + 16 * c, _mm512_mul_ps(load16(rows[t] + 16 * c), factor));
 }
 
 // rows[t] -> out[e][t] (row stride 16 * Width), columns t >= count zero
-template <int Width>
-DINAT_AVX512 inline void gather_columns(const float* const* rows, int64_t count, int64_t dim, const float* zeros,
+template <int Width, typename Src>
+DINAT_AVX512 inline void gather_columns(const Src* const* rows, int64_t count, int64_t dim, const Src* zeros,
                                         float* out) {
   for (int64_t first = 0; first < 16 * Width; first += 16) {
-    const float* block[16];
+    const Src* block[16];
     for (int l = 0; l < 16; ++l) block[l] = first + l < count ? rows[first + l] : zeros;
     gather_transposed(block, dim, 1.0f, out + first, 16 * Width);
   }
 }
 
-inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+inline void prefetch(const void* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 
-template <int Width, int Chunks>
-DINAT_AVX512 void forward_groups(const Geometry& g, const GroupLayout& layout, int64_t dil_w, const float* qp,
-                                 const View5& qs, const float* kp, const View5& ks, const float* vp, const View5& vs,
+template <int Width, int Chunks, typename Src>
+DINAT_AVX512 void forward_groups(const Geometry& g, const GroupLayout& layout, int64_t dil_w, const Src* qp,
+                                 const View5& qs, const Src* kp, const View5& ks, const Src* vp, const View5& vs,
                                  const float* bias, float* op, const View5& os, float* pp, float scale, int64_t begin,
                                  int64_t end) {
   constexpr int64_t padded = 16 * Width, dim = 16 * Chunks;
   Scratch scratch(4);
   float *query = scratch[0], *keys_t = scratch[1], *values = scratch[2], *probs = scratch[3];
-  const float zeros[64] = {};
-  const float *query_rows[kMaxGroupWindow], *key_rows[kMaxGroupWindow], *value_rows[kMaxGroupWindow];
+  const Src zeros[64] = {};
+  const Src *query_rows[kMaxGroupWindow], *key_rows[kMaxGroupWindow], *value_rows[kMaxGroupWindow];
   float* out_rows[kMaxGroupWindow];
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / g.heads, h = task % g.heads;
@@ -1086,59 +1099,87 @@ void check_inputs(const std::vector<torch::Tensor>& tensors) {
   }
 }
 
+// The fast forward paths read bfloat16 q, k and v as they gather them (the group path, or 16 queries per vector
+// where the kernel width allows it): no float32 copy of the projection.
+bool reads_bfloat16(const torch::Tensor& q, const Geometry& g, int64_t dil_h, int64_t dil_w) {
+  return q.scalar_type() == torch::kBFloat16 && vector_shape(q, g.window) &&
+         (whole_groups(g, dil_h, dil_w) || with_kernel_width(g.kernel_w, [](auto) {}));
+}
+
+// The AVX-512 forward paths on raw Src values (float, or uint16_t holding bfloat16); out and probs are float32.
+template <typename Src>
+void forward_fast(const Geometry& g, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                  const float* bp, int64_t dil_h, int64_t dil_w, float scale, torch::Tensor& out, float* pp) {
+  const Src* qp = reinterpret_cast<const Src*>(q.data_ptr());
+  const Src* kp = reinterpret_cast<const Src*>(k.data_ptr());
+  const Src* vp = reinterpret_cast<const Src*>(v.data_ptr());
+  float* op = out.data_ptr<float>();
+  const View5 qs(q), ks(k), vs(v), os(out);
+  if (whole_groups(g, dil_h, dil_w)) {
+    const GroupLayout layout(g, dil_h, dil_w);
+    with_group_widths(g.window, g.dim, [&](auto width, auto chunks) {
+      const float* group_biases = group_bias(g, bp, 16 * decltype(width)::value);
+      at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
+        forward_groups<decltype(width)::value, decltype(chunks)::value>(
+            g, layout, dil_w, qp, qs, kp, ks, vp, vs, group_biases, op, os, pp, scale, begin, end);
+      });
+    });
+    return;
+  }
+  const AxisWindows rows(g.height, g.kernel_h, dil_h), cols(g.width, g.kernel_w, dil_w);
+  std::vector<int64_t> position;
+  const std::vector<LaneTile> tiles = lane_tiles(g.width, g.kernel_w, dil_w, position);
+  const bool lanes = with_kernel_width(g.kernel_w, [&](auto width) {
+    at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
+      forward_heads_lanes<decltype(width)::value>(g, rows, tiles, position, qp, qs, kp, ks, vp, vs, bp, op, os, pp,
+                                                  scale, begin, end);
+    });
+  });
+  if (lanes) return;
+  if constexpr (std::is_same_v<Src, float>) {
+    with_chunks(g.dim, [&](auto chunks) {
+      at::parallel_for(0, g.batch * g.heads * g.height, 1, [&](int64_t begin, int64_t end) {
+        forward_rows_avx512<decltype(chunks)::value>(g, rows, cols, qp, qs, kp, ks, vp, vs, bp, op, os, pp, scale,
+                                                     begin, end);
+      });
+    });
+  } else {
+    TORCH_CHECK(false, "na2d_cpu: bfloat16 reaches only the group and lane paths");
+  }
+}
+
 }  // namespace
 
 namespace dinat {
 
 // Returns (out, probs): out is (B, heads, H, W, D) viewing a (B, H, W, heads, D) tensor; probs is
-// (B, heads, H, W, kernel_h * kernel_w) when keep_probabilities, else empty.
+// (B, heads, H, W, kernel_h * kernel_w) when keep_probabilities, else empty. q, k, v are float32 or float64, or
+// bfloat16, which computes in float32 and returns float32 out and probs.
 std::vector<torch::Tensor> forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                    const c10::optional<torch::Tensor>& rpb, int64_t kernel_h, int64_t kernel_w,
                                    int64_t dil_h, int64_t dil_w, double scale, bool keep_probabilities) {
   check_inputs({q, k, v});
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "na2d_cpu: q, k and v must have one shape");
+  const Geometry g(q, kernel_h, kernel_w);
+  const bool bfloat16 = q.scalar_type() == torch::kBFloat16;
+  if (bfloat16 && !reads_bfloat16(q, g, dil_h, dil_w))
+    return forward(q.to(torch::kFloat), k.to(torch::kFloat), v.to(torch::kFloat), rpb, kernel_h, kernel_w, dil_h,
+                   dil_w, scale, keep_probabilities);
+  const auto options = bfloat16 ? q.options().dtype(torch::kFloat) : q.options();
   c10::optional<torch::Tensor> bias;
-  if (rpb.has_value()) bias = rpb->to(q.scalar_type()).contiguous();
+  if (rpb.has_value()) bias = rpb->to(options.dtype()).contiguous();
   const int64_t batch = q.size(0), heads = q.size(1), height = q.size(2), width = q.size(3);
-  auto out = torch::empty({batch, height, width, heads, v.size(4)}, q.options()).permute({0, 3, 1, 2, 4});
-  auto probs = keep_probabilities ? torch::empty({batch, heads, height, width, kernel_h * kernel_w}, q.options())
-                                  : torch::empty({0}, q.options());
+  auto out = torch::empty({batch, height, width, heads, v.size(4)}, options).permute({0, 3, 1, 2, 4});
+  auto probs = keep_probabilities ? torch::empty({batch, heads, height, width, kernel_h * kernel_w}, options)
+                                  : torch::empty({0}, options);
+  const float* bp = bias.has_value() && bias->scalar_type() == torch::kFloat ? bias->data_ptr<float>() : nullptr;
+  float* pp = keep_probabilities && probs.scalar_type() == torch::kFloat ? probs.data_ptr<float>() : nullptr;
+  if (bfloat16) {
+    forward_fast<uint16_t>(g, q, k, v, bp, dil_h, dil_w, static_cast<float>(scale), out, pp);
+    return {out, probs};
+  }
   if (fast_path(q, kernel_h * kernel_w)) {
-    const Geometry g(q, kernel_h, kernel_w);
-    const AxisWindows rows(g.height, kernel_h, dil_h), cols(g.width, kernel_w, dil_w);
-    const View5 qs(q), ks(k), vs(v), os(out);
-    const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-    float* pp = keep_probabilities ? probs.data_ptr<float>() : nullptr;
-    if (whole_groups(g, dil_h, dil_w)) {
-      const GroupLayout layout(g, dil_h, dil_w);
-      with_group_widths(g.window, g.dim, [&](auto width, auto chunks) {
-        const float* group_biases = group_bias(g, bp, 16 * decltype(width)::value);
-        at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
-          forward_groups<decltype(width)::value, decltype(chunks)::value>(
-              g, layout, dil_w, q.data_ptr<float>(), qs, k.data_ptr<float>(), ks, v.data_ptr<float>(), vs,
-              group_biases, out.data_ptr<float>(), os, pp, static_cast<float>(scale), begin, end);
-        });
-      });
-      return {out, probs};
-    }
-    std::vector<int64_t> position;
-    const std::vector<LaneTile> tiles = lane_tiles(g.width, kernel_w, dil_w, position);
-    const bool lanes = with_kernel_width(kernel_w, [&](auto width) {
-      at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
-        forward_heads_lanes<decltype(width)::value>(g, rows, tiles, position, q.data_ptr<float>(), qs,
-                                                    k.data_ptr<float>(), ks, v.data_ptr<float>(), vs, bp,
-                                                    out.data_ptr<float>(), os, pp, static_cast<float>(scale), begin,
-                                                    end);
-      });
-    });
-    if (lanes) return {out, probs};
-    with_chunks(g.dim, [&](auto chunks) {
-      at::parallel_for(0, g.batch * g.heads * g.height, 1, [&](int64_t begin, int64_t end) {
-        forward_rows_avx512<decltype(chunks)::value>(g, rows, cols, q.data_ptr<float>(), qs, k.data_ptr<float>(), ks,
-                                                     v.data_ptr<float>(), vs, bp, out.data_ptr<float>(), os, pp,
-                                                     static_cast<float>(scale), begin, end);
-      });
-    });
+    forward_fast<float>(g, q, k, v, bp, dil_h, dil_w, static_cast<float>(scale), out, pp);
     return {out, probs};
   }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_cpu_forward", [&] {
