@@ -27,10 +27,12 @@ def test_forward_flops_match_the_papers():
 
 def test_dinat_bench_runs_side_by_side_and_writes_json(tmp_path, capsys):
     output = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
     code = main(["bench", "--parts", "gemm,models,latency,backbone", "--batch", "1", "--size", "224",
                  "--backbone-size", "224", "--rounds", "1", "--min-run-time", "0.01", "--threads", "1",
                  "--output", str(output)])
     assert code == 0
+    assert torch.get_num_threads() == threads  # --threads is the run's, not the calling process's, from then on
     results = json.loads(output.read_text())
     names = ["DiNAT-mini", "ConvNeXt-T", "Swin-T"]
     assert results["settings"]["dinat"] == "DiNAT-mini" and results["settings"]["peers"] == names[1:]

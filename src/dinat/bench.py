@@ -435,48 +435,52 @@ def run_benchmark(model: str = "mini", peers: list[str] = list(PEERS), parts: li
                   checkpoint: Callable[[dict], None] = lambda _: None) -> dict:
     """Measure; returns {"machine", "settings", "rows", "targets", "compare"} (see the module docstring).
     `checkpoint` gets the results so far after each part (a long run interrupted keeps what it measured)."""
-    threads = threads or torch.get_num_threads()
+    previous_threads = torch.get_num_threads()
+    threads = threads or previous_threads
     torch.set_num_threads(threads)
-    load_before = os.getloadavg()[0]
-    mine = dinat_contender(model)
-    others = [PEERS[p]() for p in peers]
-    contenders = [mine] + others
-    settings = {"dinat": mine.name, "peers": [c.name for c in others], "parts": list(parts), "batch": batch,
-                "size": size, "backbone_size": backbone_size, "threads": threads, "rounds": rounds,
-                "min_run_time_s": min_run_time, "timer": "torch.utils.benchmark.Timer.blocked_autorange",
-                "training_step": "forward, cross-entropy, backward, SGD step (float32)"}
-    measured: list[tuple[Case, benchmark.Measurement]] = []
+    try:
+        load_before = os.getloadavg()[0]
+        mine = dinat_contender(model)
+        others = [PEERS[p]() for p in peers]
+        contenders = [mine] + others
+        settings = {"dinat": mine.name, "peers": [c.name for c in others], "parts": list(parts), "batch": batch,
+                    "size": size, "backbone_size": backbone_size, "threads": threads, "rounds": rounds,
+                    "min_run_time_s": min_run_time, "timer": "torch.utils.benchmark.Timer.blocked_autorange",
+                    "training_step": "forward, cross-entropy, backward, SGD step (float32)"}
+        measured: list[tuple[Case, benchmark.Measurement]] = []
 
-    def results_so_far() -> dict:
-        gemm_rates = {c.model: c.flops / m.median / 1e9 for c, m in measured if c.part == "gemm"}
-        rows = [to_row(c, m, gemm_rates) for c, m in measured]
-        compare = benchmark.Compare([m for c, m in measured if c.part != "gemm"])
-        # the 1-minute load average before and after: on a shared machine, how quiet the run was
-        info = machine(threads) | {"load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
-        return {"machine": info, "settings": settings, "rows": rows,
-                "targets": summarize(rows, mine.name, settings["peers"]), "compare": str(compare)}
+        def results_so_far() -> dict:
+            gemm_rates = {c.model: c.flops / m.median / 1e9 for c, m in measured if c.part == "gemm"}
+            rows = [to_row(c, m, gemm_rates) for c, m in measured]
+            compare = benchmark.Compare([m for c, m in measured if c.part != "gemm"])
+            # the 1-minute load average before and after: on a shared machine, how quiet the run was
+            info = machine(threads) | {"load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+            return {"machine": info, "settings": settings, "rows": rows,
+                    "targets": summarize(rows, mine.name, settings["peers"]), "compare": str(compare)}
 
-    def timed(cases):
-        if cases:
-            results = run_rounds(cases, rounds, threads, min_run_time, progress)
-            measured.extend((c, results[c.key()]) for c in cases)
-            checkpoint(results_so_far())
+        def timed(cases):
+            if cases:
+                results = run_rounds(cases, rounds, threads, min_run_time, progress)
+                measured.extend((c, results[c.key()]) for c in cases)
+                checkpoint(results_so_far())
 
-    # the GEMM rate is measured in the same rounds as the models, so that it sees the same noise
-    want_gemm = "gemm" in parts
-    if "models" in parts or want_gemm:
-        progress("models: building and counting FLOPs")
-        cases = model_cases(contenders, batch, size) if "models" in parts else []
-        timed((gemm_cases() if want_gemm else []) + cases)
-    if "compile" in parts:
-        progress("compile: compiling (the first call; minutes with inductor on a cold cache)")
-        compiled = contenders if compile_peers else [mine]
-        with compile_room(len(compiled) * len(compile_modes)):
-            timed(compile_cases(compiled, batch, size, list(compile_modes), compile_backend, progress))
-    if "latency" in parts:
-        timed(model_cases(contenders, 1, size, ("inference fp32", "inference bf16 autocast"), part="latency"))
-    if "backbone" in parts:
-        progress(f"backbone: {backbone_size}x{backbone_size}")
-        timed(backbone_cases(contenders, backbone_size))
+        # the GEMM rate is measured in the same rounds as the models, so that it sees the same noise
+        want_gemm = "gemm" in parts
+        if "models" in parts or want_gemm:
+            progress("models: building and counting FLOPs")
+            cases = model_cases(contenders, batch, size) if "models" in parts else []
+            timed((gemm_cases() if want_gemm else []) + cases)
+        if "compile" in parts:
+            progress("compile: compiling (the first call; minutes with inductor on a cold cache)")
+            compiled = contenders if compile_peers else [mine]
+            with compile_room(len(compiled) * len(compile_modes)):
+                timed(compile_cases(compiled, batch, size, list(compile_modes), compile_backend, progress))
+        if "latency" in parts:
+            timed(model_cases(contenders, 1, size, ("inference fp32", "inference bf16 autocast"), part="latency"))
+        if "backbone" in parts:
+            progress(f"backbone: {backbone_size}x{backbone_size}")
+            timed(backbone_cases(contenders, backbone_size))
 
-    return results_so_far()
+        return results_so_far()
+    finally:
+        torch.set_num_threads(previous_threads)  # the caller's process keeps its own setting
