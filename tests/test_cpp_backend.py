@@ -1,9 +1,9 @@
 """The C++ CPU kernel (`dinat.ops.cpp_backend`): it builds on this machine, agrees with the reference tester on
 each of its code paths (float32 on AVX-512: dense products per dilation group where a group is one window,
 16 queries per vector for kernel widths 3..13, one query per vector for other windows up to 256 keys and the
-backward; plain loops for everything else), reads strided views and the packed qkv projection in place, and is
-what the dispatcher picks on CPU, unless it cannot be built, in which case the torch backend runs and forcing cpp
-says why."""
+backward; plain loops for everything else), reads strided views, the packed qkv projection and (on its two
+fastest paths) bfloat16 in place, and is what the dispatcher picks on CPU, unless it cannot be built, in which
+case the torch backend runs and forcing cpp says why."""
 
 from __future__ import annotations
 

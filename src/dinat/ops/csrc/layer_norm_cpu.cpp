@@ -75,20 +75,15 @@ torch::Tensor layer_norm_rows(const torch::Tensor& x, const torch::Tensor& weigh
   const int64_t rows = channels == 0 ? 0 : x.numel() / channels;
   const float* wp = weight.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
-  const float e = static_cast<float>(eps);
-  if (bfloat16) {
-    const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
-    auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+  auto normalize = [&](const auto* xp, auto* yp) {
     at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-      normalize_rows_avx512(xp, wp, bp, yp, channels, begin, end, e);
+      normalize_rows_avx512(xp, wp, bp, yp, channels, begin, end, static_cast<float>(eps));
     });
-  } else {
-    const float* xp = x.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-      normalize_rows_avx512(xp, wp, bp, yp, channels, begin, end, e);
-    });
-  }
+  };
+  if (bfloat16)
+    normalize(reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<uint16_t*>(y.data_ptr()));
+  else
+    normalize(x.data_ptr<float>(), y.data_ptr<float>());
   return y;
 }
 
