@@ -1,6 +1,6 @@
-"""torch.compile keeps the eager fast paths: the fused neighborhood-attention kernel (the C++ kernel on the
-packed qkv projection, `dinat::na2d_cpp_packed`, or the torch backend's tiled kernel, `dinat::na2d`, when that
-backend is chosen), the oneDNN linear epilogues (`dinat::linear_epilogue`) in inference and the aten LayerNorm
+"""torch.compile keeps the eager fast paths: the fused neighborhood-attention kernel (the C++ kernel, `dinat::na2d_cpp`
+on the separate q, k, v projections of inference and `dinat::na2d_cpp_packed` on the packed projection of
+training, or the torch backend's tiled kernel, `dinat::na2d`, when that backend is chosen), the oneDNN linear epilogues (`dinat::linear_epilogue`) in inference and the aten LayerNorm
 (`dinat::layer_norm_train`) in training appear in the compiled graph as custom ops, instead of the graph falling
 back to plain ops (slower than eager on CPU)."""
 
@@ -33,7 +33,8 @@ def _graph_ops(model, pixels) -> list[str]:
 
 # the attention op a compiled CPU graph holds: the C++ kernel where it builds (test_cpp_backend requires that it
 # builds here), the torch backend's tiled kernel when that backend is asked for
-ATTENTION_OPS = [("auto", "dinat.na2d_cpp_packed"), ("torch", "dinat.na2d")]
+INFERENCE_ATTENTION_OPS = [("auto", "dinat.na2d_cpp"), ("torch", "dinat.na2d")]
+TRAINING_ATTENTION_OPS = [("auto", "dinat.na2d_cpp_packed"), ("torch", "dinat.na2d")]
 
 
 def _small_model(backend: str) -> DinatForImageClassification:
@@ -45,7 +46,7 @@ def _small_model(backend: str) -> DinatForImageClassification:
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused linears need oneDNN")
-@pytest.mark.parametrize("backend, attention_op", ATTENTION_OPS)
+@pytest.mark.parametrize("backend, attention_op", INFERENCE_ATTENTION_OPS)
 def test_compiled_inference_calls_the_eager_kernels(backend, attention_op):
     model = _small_model(backend).eval()
     with torch.no_grad():
@@ -53,12 +54,12 @@ def test_compiled_inference_calls_the_eager_kernels(backend, attention_op):
     layers = sum(SMALL["depths"])
     assert targets.count(attention_op) == layers
     assert not any(target.startswith("dinat.na2d") and target != attention_op for target in targets)
-    # per layer: qkv, attention output (+ residual), MLP in (+ GELU), MLP out (+ residual)
-    assert targets.count("dinat.linear_epilogue") == 4 * layers
+    # per layer: query, key, value, attention output (+ residual), MLP in (+ GELU), MLP out (+ residual)
+    assert targets.count("dinat.linear_epilogue") == 6 * layers
     assert "dinat.layer_norm_train" not in targets
 
 
-@pytest.mark.parametrize("backend, attention_op", ATTENTION_OPS)
+@pytest.mark.parametrize("backend, attention_op", TRAINING_ATTENTION_OPS)
 def test_compiled_training_uses_autograd_ops_for_linears(backend, attention_op):
     # the oneDNN epilogues have no autograd: with gradients the graph holds plain linears (fused by inductor);
     # every LayerNorm is the opaque op with aten's kernels (inductor's CPU LayerNorm backward is slower)

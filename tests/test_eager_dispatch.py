@@ -23,9 +23,11 @@ SMALL = dict(embed_dim=16, depths=[2, 1], num_heads=[1, 2], kernel_size=3, dilat
 LAYERS = sum(SMALL["depths"])
 
 # (module, the custom op's name there, the plain kernel function's name there)
+# (inference projects q, k and v separately; training packs them: its attention gradient comes back packed)
 ROUTES = {"linear": (linear, "_linear_epilogue_op", "_onednn_linear"),
           "layer_norm": (layer_norm, "_layer_norm_rows", "_row_kernel"),
-          "attention": (cpp_backend, "_na2d_packed_op", "_forward_packed")}
+          "attention": (cpp_backend, "_na2d_op", "_forward"),
+          "packed attention": (cpp_backend, "_na2d_packed_op", "_forward_packed")}
 
 pytestmark = [
     pytest.mark.skipif(cpp_backend.unavailable_reason() is not None, reason=str(cpp_backend.unavailable_reason())),
@@ -36,21 +38,26 @@ pytestmark = [
 @pytest.fixture
 def calls(monkeypatch):
     """Counts, per route, the calls that went through the custom op ("op") and to the kernel directly ("direct")."""
-    counted, inside = collections.Counter(), collections.Counter()
+    counted, inside = collections.Counter(), [0]
     for name, (module, op_name, kernel_name) in ROUTES.items():
         op, kernel = getattr(module, op_name), getattr(module, kernel_name)
 
         def through_op(*args, _op=op, _name=name):
             counted[_name, "op"] += 1
-            inside[_name] += 1  # the op's implementation calls the kernel function too: not a direct call
+            inside[0] += 1  # the op's implementation calls the kernel functions too: not direct calls
             try:
                 return _op(*args)
             finally:
-                inside[_name] -= 1
+                inside[0] -= 1
 
         def direct(*args, _kernel=kernel, _name=name):
-            if not inside[_name]:
+            if not inside[0]:
                 counted[_name, "direct"] += 1
+                inside[0] += 1  # the packed kernel calls the plain one: one direct call
+                try:
+                    return _kernel(*args)
+                finally:
+                    inside[0] -= 1
             return _kernel(*args)
 
         monkeypatch.setattr(module, op_name, through_op)
@@ -68,8 +75,8 @@ def test_plain_eager_inference_skips_the_custom_ops(calls):
     with torch.inference_mode():
         model(pixels)
     assert not any(route == "op" for _, route in calls), dict(calls)
-    # per layer: qkv, attention output, MLP in, MLP out; two norms; one attention call
-    assert calls["linear", "direct"] == 4 * LAYERS
+    # per layer: query, key, value (no grad: three matmuls), attention output, MLP in, MLP out; two norms; attention
+    assert calls["linear", "direct"] == 6 * LAYERS
     assert calls["attention", "direct"] == LAYERS
     assert calls["layer_norm", "direct"] >= 2 * LAYERS
 
@@ -83,7 +90,7 @@ def test_watched_inference_runs_the_custom_ops_with_the_same_logits(calls, watch
         context = FlopCounterMode(display=False) if watcher == "flop_counter" else torch.profiler.profile()
         with context:
             watched = model(pixels).logits
-    assert calls["linear", "op"] == 4 * LAYERS
+    assert calls["linear", "op"] == 6 * LAYERS
     assert calls["attention", "op"] == LAYERS
     assert calls["layer_norm", "op"] >= 2 * LAYERS
     torch.testing.assert_close(watched, plain, rtol=0, atol=0)
@@ -93,6 +100,6 @@ def test_eager_training_keeps_the_attention_op_for_its_autograd(calls):
     model = _model().train()
     out = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1]))
     out.loss.backward()
-    assert calls["attention", "op"] == LAYERS
-    assert calls["attention", "direct"] == 0
+    assert calls["packed attention", "op"] == LAYERS
+    assert calls["packed attention", "direct"] == calls["attention", "direct"] == calls["attention", "op"] == 0
     assert model.dinat.encoder.levels[0].layers[0].attention.self.rpb.grad is not None

@@ -116,3 +116,22 @@ def test_reset_classifier_keeps_the_trunk(model):
     assert all(torch.equal(v, m.dinat.state_dict()[k]) for k, v in trunk.items())
     with torch.no_grad():
         assert m(torch.randn(1, 3, 32, 32)).logits.shape == (1, 3)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bfloat16-autocast"])
+def test_weights_changed_through_data_are_used_by_the_next_call(bf16):
+    """`p.data.copy_(...)` (EMA updates, weight surgery) bumps no version counter: nothing may keep answering with
+    the weights of an earlier call."""
+    model, donor = tiny_model(seed=0).eval(), tiny_model(seed=1).eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    def logits(m):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return m(x).logits.float()
+
+    before = logits(model)
+    for mine, theirs in zip(model.parameters(), donor.parameters()):
+        mine.data.copy_(theirs.data)
+    after, expected = logits(model), logits(donor)
+    assert not torch.allclose(before, expected)
+    torch.testing.assert_close(after, expected, rtol=0, atol=0)

@@ -30,6 +30,7 @@ from transformers.utils.generic import can_return_tuple
 from . import atomic, ops
 from .configuration_dinat import DinatConfig
 from .loading import checked_from_pretrained
+from .ops.plan import needs_grad
 
 
 # -------------------------------------------------------------------------------------------------
@@ -175,42 +176,44 @@ class NeighborhoodAttention(nn.Module):
             self.register_parameter("rpb", None)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
-    def _qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The query, key and value weights (and biases) joined into one projection. Joined once per weight
-        version where nothing needs gradients (the state dict keeps transformers' query/key/value keys)."""
-        parts = (self.query.weight, self.key.weight, self.value.weight)
-        biases = None if self.query.bias is None else (self.query.bias, self.key.bias, self.value.bias)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return torch.cat(parts), None if biases is None else torch.cat(biases)
-        every = parts + (biases or ())
-        version = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in every)
-        cached = self.__dict__.get("_joined_qkv")
-        if cached is None or cached[0] != version:
-            cached = (version, torch.cat(parts), None if biases is None else torch.cat(biases))
-            self.__dict__["_joined_qkv"] = cached
-        return cached[1], cached[2]
+    def _queries_keys_values(self, hidden_states: torch.Tensor):
+        """q, k, v as (B, heads, H, W, head_dim) views, and the packed (B, H, W, 3, heads, head_dim) projection they
+        view, or None.
 
-    def _project_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """q, k, v packed as (B, H, W, 3, heads, head_dim): one matmul."""
+        Where autograd records, q, k and v are one matmul on the joined weights (joined per call, so that gradients
+        reach the three parameters), and the attention's gradient comes back packed. Elsewhere each is its own
+        matmul on its own weight, nothing joined and nothing cached: a weight changed in place through `.data`
+        (EMA updates, weight surgery) bumps no version counter, and a cached join would keep answering with the old
+        weights. Three matmuls of N = dim cost about what one of N = 3 * dim does, without the copy of the join."""
         batch, height, width, _ = hidden_states.shape
-        weight, bias = self._qkv_weights()
-        return ops.linear(hidden_states, weight, bias).view(batch, height, width, 3, self.num_heads, self.head_dim)
+        layers = (self.query, self.key, self.value)
+        if not needs_grad(hidden_states, *(t for layer in layers for t in (layer.weight, layer.bias))):
+            shape = (batch, height, width, self.num_heads, self.head_dim)
+            q, k, v = (ops.linear(hidden_states, layer.weight, layer.bias).view(shape).permute(0, 3, 1, 2, 4)
+                       for layer in layers)
+            return q, k, v, None
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = None if self.query.bias is None else torch.cat([layer.bias for layer in layers])
+        qkv = ops.linear(hidden_states, weight, bias).view(batch, height, width, 3, self.num_heads, self.head_dim)
+        return *qkv.permute(3, 0, 4, 1, 2, 5).unbind(0), qkv
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
         batch, height, width, channels = hidden_states.shape
-        qkv = self._project_qkv(hidden_states)
+        q, k, v, qkv = self._queries_keys_values(hidden_states)
         scale = 1.0 / math.sqrt(self.head_dim)
 
         weights = None
         if output_attentions or (self.training and self.dropout.p > 0):
             # unfused: the (B, heads, H, W, K*K) weights are returned or dropped out
-            q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
             scores = ops.na2d_qk(q * scale, k, self.kernel_size, self.dilation, rpb=self.rpb)
             weights = self.dropout(scores.softmax(dim=-1))
             context = ops.na2d_av(weights, v, self.kernel_size, self.dilation)
-        else:
+        elif qkv is not None:
             context = ops.na2d_packed(qkv, self.kernel_size, self.dilation, rpb=self.rpb, scale=scale,
                                       backend=self.backend)
+        else:
+            context = ops.na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb, scale=scale,
+                               backend=self.backend)
 
         # the torch and cpp backends return a heads-first view of (B, H, W, heads, D) memory: this reshape is free
         context = context.permute(0, 2, 3, 1, 4).reshape(batch, height, width, channels)

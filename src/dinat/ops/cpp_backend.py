@@ -6,11 +6,11 @@ extension builder the first time it is needed (about a minute; cached across pro
 directory) and needs a C++ compiler and ninja; without them, or with `DINAT_BUILD_KERNELS=0` in the environment,
 `can_run` says why and the torch backend runs instead.
 
-Like the torch backend's tiled kernel it is a custom op, `dinat::na2d_cpp` (separate q, k, v) or
-`dinat::na2d_cpp_packed` (one packed qkv projection, as DiNAT's layers pass it), each with its backward
-registered as its autograd formula, fake versions for tracing and a FLOP formula, so compiled CPU graphs call it
-too; gradient-free eager calls of the packed one skip the op's dispatch (`plan.calls_kernel_directly`). Inputs in
-16-bit floats are computed in float32 and returned in their dtype.
+Like the torch backend's tiled kernel it is a custom op, `dinat::na2d_cpp` (separate q, k, v, as DiNAT's layers
+pass them in inference) or `dinat::na2d_cpp_packed` (one packed qkv projection, as they pass it in training), each
+with its backward registered as its autograd formula, fake versions for tracing and a FLOP formula, so compiled CPU
+graphs call it too; gradient-free eager calls of either skip the op's dispatch (`plan.calls_kernel_directly`).
+Inputs in 16-bit floats are computed in float32 and returned in their dtype.
 """
 
 from __future__ import annotations
@@ -287,8 +287,10 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, d
     back into channels is free.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    keep_probabilities = plan.needs_grad(q, k, v, rpb)
+    run = _forward if not keep_probabilities and plan.calls_kernel_directly(q) else _na2d_op
     with torch.autocast("cpu", enabled=False):
-        out, _ = _na2d_op(q, k, v, rpb, list(kernel_size), list(dilation), scale, plan.needs_grad(q, k, v, rpb))
+        out, _ = run(q, k, v, rpb, list(kernel_size), list(dilation), scale, keep_probabilities)
     return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
