@@ -1,8 +1,9 @@
-"""torch.compile keeps the eager fast paths: the fused neighborhood-attention kernel (the C++ kernel, `dinat::na2d_cpp`
-on the separate q, k, v projections of inference and `dinat::na2d_cpp_packed` on the packed projection of
-training, or the torch backend's tiled kernel, `dinat::na2d`, when that backend is chosen), the oneDNN linear epilogues (`dinat::linear_epilogue`) in inference and the aten LayerNorm
-(`dinat::layer_norm_train`) in training appear in the compiled graph as custom ops, instead of the graph falling
-back to plain ops (slower than eager on CPU)."""
+"""torch.compile keeps the eager fast paths: the fused neighborhood-attention kernel (the C++ kernel,
+`dinat::na2d_cpp` on inference's separate q, k, v projections and `dinat::na2d_cpp_packed` on training's packed
+one, or the torch backend's tiled kernel, `dinat::na2d`, when that backend is chosen), the oneDNN linear
+epilogues (`dinat::linear_epilogue`) in inference and the aten LayerNorm (`dinat::layer_norm_train`) in training
+appear in the compiled graph as custom ops, instead of the graph falling back to plain ops (slower than eager on
+CPU)."""
 
 from __future__ import annotations
 

@@ -184,7 +184,7 @@ class NeighborhoodAttention(nn.Module):
         reach the three parameters), and the attention's gradient comes back packed. Elsewhere each is its own
         matmul on its own weight, nothing joined and nothing cached: a weight changed in place through `.data`
         (EMA updates, weight surgery) bumps no version counter, and a cached join would keep answering with the old
-        weights. Three matmuls of N = dim cost about what one of N = 3 * dim does, without the copy of the join."""
+        weights. Three matmuls of N = dim cost a little more than one of N = 3 * dim (docs/performance.md)."""
         batch, height, width, _ = hidden_states.shape
         layers = (self.query, self.key, self.value)
         if not needs_grad(hidden_states, *(t for layer in layers for t in (layer.weight, layer.bias))):
