@@ -1,8 +1,7 @@
 """`dinat.ops.layer_norm`: the C++ row kernel agrees with a float64 LayerNorm and runs where it should (CPU float32
 inference, and bfloat16 with float32 weight and bias as under autocast, eager or compiled, channels a multiple of
-16) and nowhere else; compiled CPU training runs the opaque
-aten-backed op, whose values and gradients are F.layer_norm's; the model's norms use both while keeping
-nn.LayerNorm's parameters, keys and gradients."""
+16) and nowhere else; compiled CPU training runs the opaque aten-backed op, whose values and gradients are
+F.layer_norm's; the model's norms use both while keeping nn.LayerNorm's parameters, keys and gradients."""
 
 from __future__ import annotations
 
