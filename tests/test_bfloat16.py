@@ -5,18 +5,17 @@ lacks those instructions and nothing needs gradients."""
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dinat import ops
-from dinat.ops import bfloat16
+from dinat.ops import bfloat16, cpp_backend
 
-linear_module = importlib.import_module("dinat.ops.linear")
-
-needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused linears need oneDNN")
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available()
+                                  or cpp_backend.unavailable_reason() is not None,
+                                  reason="the fused linears need oneDNN and the C++ extension that registers them")
 
 EPILOGUES = ["none", "gelu", "residual"]
 
@@ -50,15 +49,27 @@ def _run_linear(monkeypatch, in_hardware: bool, epilogue: str, input_dtype: torc
     """ops.linear on `_operands`, with the CPU said to have bfloat16 instructions or not. Returns the result, the
     operands and the dtype of x in each call of the oneDNN op."""
     monkeypatch.setattr(bfloat16, "BF16_IN_HARDWARE", in_hardware)
-    seen, op = [], linear_module._linear_epilogue
-    monkeypatch.setattr(linear_module, "_linear_epilogue", lambda x, *args: seen.append(x.dtype) or op(x, *args))
     x, weight, bias, gelu, residual = _operands(epilogue, input_dtype)
     weight, bias = weight.to(weights_dtype), bias.to(weights_dtype)
     if residual is not None and autocast:
         residual = residual.bfloat16()  # the residual add is fused where it has the linear's dtype
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            _EpilogueInputs() as seen:
         got = ops.linear(x, weight, bias, gelu=gelu, residual=residual)
-    return got, (x, weight, bias, gelu, residual), seen
+    return got, (x, weight, bias, gelu, residual), seen.dtypes
+
+
+class _EpilogueInputs(TorchDispatchMode):
+    """Records the dtype of x in each call of the oneDNN linear op."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.dinat.linear_epilogue.default:
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
 
 
 # one rounding to bfloat16: at most an ulp (2**-8 relative) from the rounding of the exactly summed value

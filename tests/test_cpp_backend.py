@@ -81,12 +81,12 @@ def test_bfloat16_is_read_in_place_where_the_fast_paths_run(case, reads_in_place
     shape = (case.batch, case.heads, case.height, case.width, case.head_dim)
     q, k, v = (torch.randn(shape, generator=generator).bfloat16() for _ in range(3))
     rpb = torch.randn(case.heads, 2 * case.kernel - 1, 2 * case.kernel - 1, generator=generator)
-    arguments = (rpb, case.kernel, case.kernel, case.dilation, case.dilation, 0.3, True)
+    arguments = (rpb, [case.kernel] * 2, [case.dilation] * 2, 0.3, True)
     with torch.profiler.profile(record_shapes=True) as profile:
-        out, probs = cpp_backend.extension().forward(q, k, v, *arguments)
+        out, probs = torch.ops.dinat.na2d_cpp(q, k, v, *arguments)
     widened = [event for event in profile.events() if event.name == "aten::copy_"]
     assert (not widened) == reads_in_place
-    want_out, want_probs = cpp_backend.extension().forward(q.float(), k.float(), v.float(), *arguments)
+    want_out, want_probs = torch.ops.dinat.na2d_cpp(q.float(), k.float(), v.float(), *arguments)
     assert out.dtype == probs.dtype == torch.float32
     assert torch.equal(out, want_out) and torch.equal(probs, want_probs)
 
@@ -148,6 +148,11 @@ def test_without_the_kernel_the_torch_backend_runs_and_forcing_cpp_says_why():
             assert "DINAT_BUILD_KERNELS=0" in str(err), err
         else:
             raise AssertionError("forcing cpp without the kernel must fail")
+        # the linears' fused op is the extension's too: without it they are the plain ops
+        x, weight, bias = torch.randn(5, 32), torch.randn(16, 32), torch.randn(16)
+        with torch.no_grad():
+            fused = ops.linear(x, weight, bias, gelu=True)
+        torch.testing.assert_close(fused, torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias)))
         print("ok")
     """)
     env = dict(os.environ, **{cpp_backend.BUILD_SWITCH: "0"})
@@ -204,9 +209,9 @@ def test_backward_is_not_handed_a_zero_gradient_for_the_probabilities(packed):
     rpb = torch.randn(2, 13, 13, requires_grad=True)
     with torch.autocast("cpu", enabled=False):
         if packed:
-            out, probs = cpp_backend._na2d_packed_op(qkv, rpb, [7, 7], [1, 1], 0.2, True)
+            out, probs = torch.ops.dinat.na2d_cpp_packed(qkv, rpb, [7, 7], [1, 1], 0.2, True)
         else:
-            out, probs = cpp_backend._na2d_op(*cpp_backend._unpack(qkv), rpb, [7, 7], [1, 1], 0.2, True)
+            out, probs = torch.ops.dinat.na2d_cpp(*cpp_backend._unpack(qkv), rpb, [7, 7], [1, 1], 0.2, True)
     assert out.requires_grad and not probs.requires_grad
     with torch.profiler.profile(record_shapes=True) as profile:
         out.sum().backward()

@@ -1,16 +1,16 @@
 """The cpp backend: a C++ CPU kernel (`csrc/na2d_cpu.cpp`) that reads each query's keys in place, with AVX-512
 vector code where the CPU has it; the default on CPU where it builds.
 
-It is compiled (with the inference LayerNorm kernel of `layer_norm.py`, in one extension module) by torch's C++
-extension builder the first time it is needed (about a minute; cached across processes in torch's extension
-directory) and needs a C++ compiler and ninja; without them, or with `DINAT_BUILD_KERNELS=0` in the environment,
-`can_run` says why and the torch backend runs instead.
+It is compiled (with the inference LayerNorm kernel of `layer_norm.py` and the oneDNN linear epilogue of
+`linear.py`, in one extension module) by torch's C++ extension builder the first time it is needed (about a
+minute; cached across processes in torch's extension directory) and needs a C++ compiler and ninja; without them,
+or with `DINAT_BUILD_KERNELS=0` in the environment, `can_run` says why and the torch backend runs instead.
 
-Like the torch backend's tiled kernel it is a custom op, `dinat::na2d_cpp` (separate q, k, v, as DiNAT's layers
-pass them in inference) or `dinat::na2d_cpp_packed` (one packed qkv projection, as they pass it in training), each
-with its backward registered as its autograd formula, fake versions for tracing and a FLOP formula, so compiled CPU
-graphs call it too; gradient-free eager calls of either skip the op's dispatch (`plan.calls_kernel_directly`).
-Inputs in 16-bit floats are computed in float32 and returned in their dtype.
+Its ops, `dinat::na2d_cpp` (separate q, k, v, as DiNAT's layers pass them in inference) and `dinat::na2d_cpp_packed`
+(one packed qkv projection, as they pass them in training), have C++ CPU kernels registered with torch's dispatcher
+by the extension, so eager calls and compiled graphs reach the kernel without a Python frame; here are their schemas,
+fake versions for tracing, FLOP formulas, and their backward ops registered as their autograd formulas. Inputs in
+16-bit floats are computed in float32 and returned in their dtype.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from . import plan
 
 Pair = tuple[int, int]
 
-# one extension module: the attention kernel, the inference LayerNorm (ops/layer_norm.py) and their bindings
+# one extension module: the attention kernel, the inference LayerNorm (ops/layer_norm.py), and the registration of
+# these and of the oneDNN linear epilogue (ops/linear.py) as the CPU kernels of their ops
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("bindings.cpp", "na2d_cpu.cpp", "layer_norm_cpu.cpp"))
 HEADERS = (Path(__file__).with_name("csrc") / "bfloat16_avx512.h",)  # part of the build's name, not compiled alone
@@ -114,16 +115,22 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _COMPUTE_DTYPES else torch.float32
 
 
-def _last_dim_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    t = t.to(dtype)
-    return t if t.stride(-1) == 1 else t.contiguous()
+# The ops' CPU kernels are C++ (csrc/bindings.cpp), registered when the extension loads; their schemas, fake
+# versions and autograd formulas are here. Inputs in 16-bit floats are computed in float32 and returned in float32.
+_KERNEL_ARGUMENTS = "int[] kernel_size, int[] dilation, float scale"
+torch.library.define("dinat::na2d_cpp", "(Tensor q, Tensor k, Tensor v, Tensor? rpb, "
+                     f"{_KERNEL_ARGUMENTS}, bool keep_probabilities) -> (Tensor, Tensor)")
+torch.library.define("dinat::na2d_cpp_backward", "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor probs, "
+                     f"{_KERNEL_ARGUMENTS}, bool want_rpb) -> (Tensor, Tensor)")
+torch.library.define("dinat::na2d_cpp_packed", f"(Tensor qkv, Tensor? rpb, {_KERNEL_ARGUMENTS}, "
+                     "bool keep_probabilities) -> (Tensor, Tensor)")
+torch.library.define("dinat::na2d_cpp_packed_backward", "(Tensor grad_out, Tensor qkv, Tensor probs, "
+                     f"{_KERNEL_ARGUMENTS}, bool want_rpb) -> (Tensor, Tensor)")
 
 
-def _forward(q, k, v, rpb, kernel_size, dilation, scale, keep_probabilities):
-    # bfloat16 goes in as it is: the kernel converts it to float32 as it reads it (or makes the copy itself)
-    source = torch.bfloat16 if q.dtype == torch.bfloat16 else _compute_dtype(q.dtype)
-    q, k, v = (_last_dim_contiguous(t, source) for t in (q, k, v))
-    return tuple(extension().forward(q, k, v, rpb, *kernel_size, *dilation, scale, keep_probabilities))
+def _unpack(qkv: torch.Tensor):
+    """q, k, v as (B, heads, H, W, D) views of a packed (B, H, W, 3, heads, D) projection."""
+    return qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
 
 
 def _forward_fake(q, kernel_size, keep_probabilities):
@@ -135,45 +142,30 @@ def _forward_fake(q, kernel_size, keep_probabilities):
     return out, probs
 
 
-def _backward(grad_out, q, k, v, probs, kernel_size, dilation, scale, want_rpb):
-    """(grad_qkv as (3, B, heads, H, W, D) viewing a (B, H, W, 3, heads, D) tensor, grad_rpb or an empty tensor)"""
-    grad_out, q, k, v = (_last_dim_contiguous(t, probs.dtype) for t in (grad_out, q, k, v))
-    return tuple(extension().backward(grad_out, q, k, v, probs, *kernel_size, *dilation, scale, want_rpb))
-
-
 def _rpb_grad_fake(probs, q_shape, kernel_size, want_rpb):
     return probs.new_empty((q_shape[1], 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1) if want_rpb else (0,))
 
 
-def _unpack(qkv: torch.Tensor):
-    """q, k, v as (B, heads, H, W, D) views of a packed (B, H, W, 3, heads, D) projection."""
-    return qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
-
-
-# -- separate q, k, v ---------------------------------------------------------------------------------
-@torch.library.custom_op("dinat::na2d_cpp", mutates_args=())
-def _na2d_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None, kernel_size: list[int],
-             dilation: list[int], scale: float, keep_probabilities: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, rpb, kernel_size, dilation, scale, keep_probabilities)
-
-
-@_na2d_op.register_fake
+@torch.library.register_fake("dinat::na2d_cpp")
 def _na2d_fake(q, k, v, rpb, kernel_size, dilation, scale, keep_probabilities):
     return _forward_fake(q, kernel_size, keep_probabilities)
 
 
-@torch.library.custom_op("dinat::na2d_cpp_backward", mutates_args=())
-def _na2d_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs: torch.Tensor,
-                      kernel_size: list[int], dilation: list[int], scale: float,
-                      want_rpb: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward(grad_out, q, k, v, probs, kernel_size, dilation, scale, want_rpb)
-
-
-@_na2d_backward_op.register_fake
+@torch.library.register_fake("dinat::na2d_cpp_backward")
 def _na2d_backward_fake(grad_out, q, k, v, probs, kernel_size, dilation, scale, want_rpb):
     batch, heads, height, width, dim = q.shape
     grad_qkv = probs.new_empty(batch, height, width, 3, heads, dim).permute(3, 0, 4, 1, 2, 5)
     return grad_qkv, _rpb_grad_fake(probs, q.shape, kernel_size, want_rpb)
+
+
+@torch.library.register_fake("dinat::na2d_cpp_packed")
+def _na2d_packed_fake(qkv, rpb, kernel_size, dilation, scale, keep_probabilities):
+    return _forward_fake(_unpack(qkv)[0], kernel_size, keep_probabilities)
+
+
+@torch.library.register_fake("dinat::na2d_cpp_packed_backward")
+def _na2d_packed_backward_fake(grad_out, qkv, probs, kernel_size, dilation, scale, want_rpb):
+    return probs.new_empty(qkv.shape), _rpb_grad_fake(probs, _unpack(qkv)[0].shape, kernel_size, want_rpb)
 
 
 def _probabilities_get_no_gradient(ctx, probs: torch.Tensor) -> None:
@@ -195,42 +187,15 @@ def _autograd_backward(ctx, grad_out, _grad_probs):
     q, k, v, probs = ctx.saved_tensors
     rpb_dtype = ctx.dtypes[3]
     want_rpb = rpb_dtype is not None and ctx.needs_input_grad[3]
-    grad_qkv, grad_rpb = _na2d_backward_op(grad_out, q, k, v, probs, *ctx.arguments, want_rpb)
+    grad_qkv, grad_rpb = torch.ops.dinat.na2d_cpp_backward(grad_out, q, k, v, probs, *ctx.arguments, want_rpb)
     grads = [g.to(dtype) for g, dtype in zip(grad_qkv.unbind(0), ctx.dtypes)]
     return *grads, (grad_rpb.to(rpb_dtype) if want_rpb else None), None, None, None, None
 
 
-_na2d_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+torch.library.register_autograd("dinat::na2d_cpp", _autograd_backward, setup_context=_setup_context)
 
 
-# -- one packed (B, H, W, 3, heads, D) projection: its gradient comes back in its own layout, without copies ----
-def _forward_packed(qkv, rpb, kernel_size, dilation, scale, keep_probabilities):
-    return _forward(*_unpack(qkv), rpb, kernel_size, dilation, scale, keep_probabilities)
-
-
-@torch.library.custom_op("dinat::na2d_cpp_packed", mutates_args=())
-def _na2d_packed_op(qkv: torch.Tensor, rpb: torch.Tensor | None, kernel_size: list[int], dilation: list[int],
-                    scale: float, keep_probabilities: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_packed(qkv, rpb, kernel_size, dilation, scale, keep_probabilities)
-
-
-@_na2d_packed_op.register_fake
-def _na2d_packed_fake(qkv, rpb, kernel_size, dilation, scale, keep_probabilities):
-    return _forward_fake(_unpack(qkv)[0], kernel_size, keep_probabilities)
-
-
-@torch.library.custom_op("dinat::na2d_cpp_packed_backward", mutates_args=())
-def _na2d_packed_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, probs: torch.Tensor, kernel_size: list[int],
-                             dilation: list[int], scale: float, want_rpb: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_qkv, grad_rpb = _backward(grad_out, *_unpack(qkv), probs, kernel_size, dilation, scale, want_rpb)
-    return grad_qkv.permute(1, 3, 4, 0, 2, 5), grad_rpb  # (B, H, W, 3, heads, D): contiguous
-
-
-@_na2d_packed_backward_op.register_fake
-def _na2d_packed_backward_fake(grad_out, qkv, probs, kernel_size, dilation, scale, want_rpb):
-    return probs.new_empty(qkv.shape), _rpb_grad_fake(probs, _unpack(qkv)[0].shape, kernel_size, want_rpb)
-
-
+# one packed (B, H, W, 3, heads, D) projection: its gradient comes back in its own layout, without copies
 def _packed_setup_context(ctx, inputs, output):
     qkv, rpb, kernel_size, dilation, scale, _ = inputs
     ctx.save_for_backward(qkv, output[1])
@@ -243,11 +208,12 @@ def _packed_autograd_backward(ctx, grad_out, _grad_probs):
     qkv, probs = ctx.saved_tensors
     qkv_dtype, rpb_dtype = ctx.dtypes
     want_rpb = rpb_dtype is not None and ctx.needs_input_grad[1]
-    grad_qkv, grad_rpb = _na2d_packed_backward_op(grad_out, qkv, probs, *ctx.arguments, want_rpb)
+    grad_qkv, grad_rpb = torch.ops.dinat.na2d_cpp_packed_backward(grad_out, qkv, probs, *ctx.arguments, want_rpb)
     return grad_qkv.to(qkv_dtype), (grad_rpb.to(rpb_dtype) if want_rpb else None), None, None, None, None
 
 
-_na2d_packed_op.register_autograd(_packed_autograd_backward, setup_context=_packed_setup_context)
+torch.library.register_autograd("dinat::na2d_cpp_packed", _packed_autograd_backward,
+                                setup_context=_packed_setup_context)
 
 
 def _window_flops(q_shape, kernel_size) -> int:
@@ -279,6 +245,12 @@ def _backward_flops(grad_shape, q_shape, k_shape, v_shape, probs_shape, kernel_s
     return 4 * _window_flops(q_shape, kernel_size)  # probabilities' gradients, then those of q, k and v
 
 
+def _require_kernel() -> None:
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"the C++ neighborhood-attention kernel cannot run: {reason}")
+
+
 def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, dilation: Pair,
          rpb: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """Fused neighborhood attention: softmax(q k^T * scale + rpb) v over each query's window, on CPU.
@@ -287,10 +259,10 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, d
     back into channels is free.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    _require_kernel()
     keep_probabilities = plan.needs_grad(q, k, v, rpb)
-    run = _forward if not keep_probabilities and plan.calls_kernel_directly(q) else _na2d_op
     with torch.autocast("cpu", enabled=False):
-        out, _ = run(q, k, v, rpb, list(kernel_size), list(dilation), scale, keep_probabilities)
+        out, _ = torch.ops.dinat.na2d_cpp(q, k, v, rpb, list(kernel_size), list(dilation), scale, keep_probabilities)
     return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
@@ -298,10 +270,11 @@ def na2d_packed(qkv: torch.Tensor, kernel_size: Pair, dilation: Pair, rpb: torch
                 scale: float | None = None) -> torch.Tensor:
     """`na2d` on q, k, v packed in one (B, H, W, 3, heads, D) projection; its gradient comes back in that layout."""
     scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
+    _require_kernel()
     keep_probabilities = plan.needs_grad(qkv, rpb)
-    run = _forward_packed if not keep_probabilities and plan.calls_kernel_directly(qkv) else _na2d_packed_op
     with torch.autocast("cpu", enabled=False):
-        out, _ = run(qkv, rpb, list(kernel_size), list(dilation), scale, keep_probabilities)
+        out, _ = torch.ops.dinat.na2d_cpp_packed(qkv, rpb, list(kernel_size), list(dilation), scale,
+                                                 keep_probabilities)
     return out if out.dtype == qkv.dtype else out.to(qkv.dtype)
 
 

@@ -6,7 +6,8 @@
   tensors whose channels are a multiple of 16, float32, or bfloat16 with float32 weight and bias (autocast:
   computed in float32 and rounded once, as aten does), in compiled graphs too: there the norms sit between opaque
   custom ops (the linears, attention) that inductor cannot fuse them with, and its own LayerNorm is 2-2.7x
-  slower per call on DiNAT's shapes. Plain eager calls skip the op's dispatch (`plan.calls_kernel_directly`).
+  slower per call on DiNAT's shapes. The op, `dinat::layer_norm_rows`, has its C++ kernel registered with torch's
+  dispatcher by the extension: no Python frame between a graph (or eager code) and the kernel.
 - Compiled training on CPU: inductor's generated LayerNorm backward (its weight and bias gradients reduce over
   tens of thousands of rows) is several times slower than aten's, so there the norm is one opaque custom op,
   `dinat::layer_norm_train`, whose forward and backward are aten's kernels.
@@ -20,19 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from . import cpp_backend
-from .plan import calls_kernel_directly, is_exporting, needs_grad
+from .plan import is_exporting, needs_grad
+
+# its C++ CPU kernel is registered by the extension (csrc/bindings.cpp)
+torch.library.define("dinat::layer_norm_rows", "(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor")
 
 
-def _row_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    return cpp_backend.extension().layer_norm(x.contiguous(), weight.contiguous(), bias.contiguous(), eps)
-
-
-@torch.library.custom_op("dinat::layer_norm_rows", mutates_args=())
-def _layer_norm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    return _row_kernel(x, weight, bias, eps)
-
-
-@_layer_norm_rows.register_fake
+@torch.library.register_fake("dinat::layer_norm_rows")
 def _layer_norm_rows_fake(x, weight, bias, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
@@ -124,8 +119,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         x normalized over its last dimension, in x's dtype and shape (contiguous).
     """
     if _kernel_applies(x, weight, bias):
-        run = _row_kernel if calls_kernel_directly(x) else _layer_norm_rows
-        return run(x, weight, bias, eps)
+        return torch.ops.dinat.layer_norm_rows(x, weight, bias, eps)
     if _opaque_in_compiled_training(x, weight, bias):
         return _layer_norm_train(x, weight, bias, eps)[0]
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)

@@ -5,11 +5,12 @@ the residual add are two more passes over the output. oneDNN's `_linear_pointwis
 the add while the output tile is still in cache (faster at DiNAT's many-token, few-channel shapes; the
 same fp32 arithmetic; numbers in docs/performance.md).
 
-The oneDNN call is wrapped in one custom op, `dinat::linear_epilogue`, with a fake (shape-only) version, so
-that a compiled graph calls the same kernel as eager (inductor cannot lower the raw oneDNN op without its
-own weight prepacking); plain eager calls skip the op's dispatch (`plan.calls_kernel_directly`). It has no
-autograd: it runs only where nothing needs gradients; elsewhere (training, other devices) these are the plain
-F.linear / F.gelu / add, which autograd and inductor handle.
+The oneDNN call is wrapped in one op, `dinat::linear_epilogue`, with a fake (shape-only) version, so that a
+compiled graph calls the same kernel as eager (inductor cannot lower the raw oneDNN op without its own weight
+prepacking). Its CPU kernel is C++, registered by the extension of `cpp_backend` (csrc/bindings.cpp), so that
+neither eager code nor a compiled graph goes through a Python frame to reach oneDNN; where the extension is not
+built, these are the plain ops. It has no autograd: it runs only where nothing needs gradients; elsewhere
+(training, other devices) these are the plain F.linear / F.gelu / add, which autograd and inductor handle.
 
 In bfloat16 on CPUs without bfloat16 instructions, the same op runs in float32 on rounded operands (`bfloat16`).
 """
@@ -19,17 +20,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import bfloat16
-from .plan import calls_kernel_directly, needs_grad
+from . import bfloat16, cpp_backend
+from .plan import needs_grad
 
 
 # read once: torch.compile cannot trace the query itself
 _ONEDNN = torch.backends.mkldnn.is_available()
 
+torch.library.define("dinat::linear_epilogue",
+                     "(Tensor x, Tensor weight, Tensor? bias, bool gelu, Tensor? residual) -> Tensor")
+
+
+@torch.library.register_fake("dinat::linear_epilogue")
+def _linear_epilogue_fake(x, weight, bias, gelu, residual):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
 
 def _fused_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype oneDNN computes in, or None where the plain path must run."""
-    if x.device.type != "cpu" or not _ONEDNN:
+    if x.device.type != "cpu" or not _ONEDNN or cpp_backend.unavailable_reason() is not None:
         return None
     if needs_grad(x, weight):
         return None
@@ -37,32 +46,6 @@ def _fused_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
         dtype = torch.get_autocast_dtype("cpu")
         return dtype if dtype == torch.bfloat16 and weight.dtype == torch.float32 else None
     return x.dtype if x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16) else None
-
-
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool,
-                   residual: torch.Tensor | None) -> torch.Tensor:
-    x, weight = x.contiguous(), weight.contiguous()
-    pointwise = torch.ops.mkldnn._linear_pointwise
-    if residual is not None:
-        return pointwise.binary(x, residual.contiguous(), weight, bias, "add")
-    return pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
-
-
-@torch.library.custom_op("dinat::linear_epilogue", mutates_args=())
-def _linear_epilogue_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool,
-                        residual: torch.Tensor | None) -> torch.Tensor:
-    return _onednn_linear(x, weight, bias, gelu, residual)
-
-
-@_linear_epilogue_op.register_fake
-def _linear_epilogue_fake(x, weight, bias, gelu, residual):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-def _linear_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool,
-                     residual: torch.Tensor | None) -> torch.Tensor:
-    run = _onednn_linear if calls_kernel_directly(x) else _linear_epilogue_op
-    return run(x, weight, bias, gelu, residual)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
@@ -87,9 +70,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return out if residual is None else residual + out
     if bfloat16.runs_as_float32(dtype):
         r = bfloat16.rounded
-        return _linear_epilogue(r(x), r(weight), r(bias), gelu, r(residual)).to(torch.bfloat16)
+        return torch.ops.dinat.linear_epilogue(r(x), r(weight), r(bias), gelu, r(residual)).to(torch.bfloat16)
     bias = None if bias is None else bias.to(dtype)
-    return _linear_epilogue(x.to(dtype), weight.to(dtype), bias, gelu, residual)
+    return torch.ops.dinat.linear_epilogue(x.to(dtype), weight.to(dtype), bias, gelu, residual)
 
 
 __all__ = ["linear"]

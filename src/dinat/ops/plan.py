@@ -11,8 +11,7 @@ same `CallPlan`: classes of equal-length dilation groups, each cut into query ti
 of keys, with one bias index per class that holds the window shape and the RPB.
 
 It also holds the questions every op asks of a call before choosing a path: whether autograd records it
-(`needs_grad`), whether torch.export is tracing it (`is_exporting`), and whether its kernel may be called without
-the custom op around it (`calls_kernel_directly`).
+(`needs_grad`) and whether torch.export is tracing it (`is_exporting`).
 """
 
 from __future__ import annotations
@@ -28,18 +27,6 @@ Pair = tuple[int, int]
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd will record a call on `tensors` (None entries ignored): grad mode on and one needs it."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def calls_kernel_directly(x: torch.Tensor) -> bool:
-    """Whether an opaque kernel may be called as a plain function instead of through its custom op.
-
-    The custom ops exist for whatever watches or rewrites calls: torch.compile and torch.export traces, jit
-    tracing, dispatch modes (fake tensors, FLOP counting), tensor subclasses, and the profiler, whose tables name
-    ops. In plain eager execution none of these is there, and the op's dispatch costs tens of microseconds a call
-    (about 130 calls per DiNAT-mini forward). The caller still checks gradients: only gradient-free calls bypass.
-    """
-    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._autograd._profiler_enabled())
 
 
 def is_exporting() -> bool:
