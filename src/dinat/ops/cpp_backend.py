@@ -33,7 +33,8 @@ Pair = tuple[int, int]
 # these and of the oneDNN linear epilogue (ops/linear.py) as the CPU kernels of their ops
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("bindings.cpp", "na2d_cpu.cpp", "layer_norm_cpu.cpp"))
-HEADERS = (Path(__file__).with_name("csrc") / "bfloat16_avx512.h",)  # part of the build's name, not compiled alone
+# part of the build's name, not compiled alone
+HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("bfloat16_avx512.h", "sum_lanes_avx512.h"))
 BUILD_SWITCH = "DINAT_BUILD_KERNELS"
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 _DTYPES = _COMPUTE_DTYPES + (torch.bfloat16, torch.float16)

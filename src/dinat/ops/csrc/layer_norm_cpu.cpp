@@ -14,11 +14,16 @@
 #include <cstdint>
 
 #include "bfloat16_avx512.h"
+#include "sum_lanes_avx512.h"
 
 namespace {
 
+using dinat_simd::kSlot;
 using dinat_simd::load16;
 using dinat_simd::store16;
+using dinat_simd::sum_each;
+
+constexpr int64_t kBlockRows = 16;
 
 // In and Out: float, or uint16_t holding bfloat16
 template <typename In, typename Out>
@@ -40,6 +45,50 @@ __attribute__((target("avx512f"))) void normalize_rows_avx512(const In* x, const
     const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(squares) * inverse_channels + eps));
     for (int64_t c = 0; c < channels; c += 16) {
       const __m512 normalized = _mm512_mul_ps(_mm512_sub_ps(load16(in + c), mean), rstd);
+      store16(out + c, _mm512_fmadd_ps(normalized, _mm512_loadu_ps(weight + c), _mm512_loadu_ps(bias + c)));
+    }
+  }
+}
+
+// lane r of `values`, in every lane
+__attribute__((target("avx512f"))) inline __m512 lane(__m512 values, int r) {
+  return _mm512_permutexvar_ps(_mm512_set1_epi32(r), values);
+}
+
+// The same for kBlockRows consecutive rows at once: their sums, then their squared deviations, are reduced
+// across the 16 rows together (one transpose-and-add tree instead of two horizontal sums per row), and the 16
+// reciprocal standard deviations take one vector square root and division.
+template <typename In, typename Out>
+__attribute__((target("avx512f"))) void normalize_block_avx512(const In* x, const float* weight, const float* bias,
+                                                               Out* y, int64_t channels, float eps) {
+  const __m512 inverse_channels = _mm512_set1_ps(1.0f / static_cast<float>(channels));
+  __m512 partial[kBlockRows];
+  for (int r = 0; r < kBlockRows; ++r) {
+    const In* in = x + r * channels;
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t c = 0; c < channels; c += 16) sum = _mm512_add_ps(sum, load16(in + c));
+    partial[kSlot[r]] = sum;
+  }
+  const __m512 means = _mm512_mul_ps(sum_each(partial), inverse_channels);
+  for (int r = 0; r < kBlockRows; ++r) {
+    const In* in = x + r * channels;
+    const __m512 row_mean = lane(means, r);
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t c = 0; c < channels; c += 16) {
+      const __m512 centred = _mm512_sub_ps(load16(in + c), row_mean);
+      squares = _mm512_fmadd_ps(centred, centred, squares);
+    }
+    partial[kSlot[r]] = squares;
+  }
+  const __m512 variance = _mm512_mul_ps(sum_each(partial), inverse_channels);
+  const __m512 rstds = _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                     _mm512_sqrt_ps(_mm512_add_ps(variance, _mm512_set1_ps(eps))));
+  for (int r = 0; r < kBlockRows; ++r) {
+    const In* in = x + r * channels;
+    Out* out = y + r * channels;
+    const __m512 row_mean = lane(means, r), row_rstd = lane(rstds, r);
+    for (int64_t c = 0; c < channels; c += 16) {
+      const __m512 normalized = _mm512_mul_ps(_mm512_sub_ps(load16(in + c), row_mean), row_rstd);
       store16(out + c, _mm512_fmadd_ps(normalized, _mm512_loadu_ps(weight + c), _mm512_loadu_ps(bias + c)));
     }
   }
@@ -75,10 +124,17 @@ torch::Tensor layer_norm_rows(const torch::Tensor& x, const torch::Tensor& weigh
   const int64_t rows = channels == 0 ? 0 : x.numel() / channels;
   const float* wp = weight.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
+  // whole blocks of rows, then the rest one by one: which way a row goes depends on its index alone, not on how
+  // the rows are split between threads
+  const int64_t blocks = rows / kBlockRows;
   auto normalize = [&](const auto* xp, auto* yp) {
-    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-      normalize_rows_avx512(xp, wp, bp, yp, channels, begin, end, static_cast<float>(eps));
+    at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t offset = block * kBlockRows * channels;
+        normalize_block_avx512(xp + offset, wp, bp, yp + offset, channels, static_cast<float>(eps));
+      }
     });
+    normalize_rows_avx512(xp, wp, bp, yp, channels, blocks * kBlockRows, rows, static_cast<float>(eps));
   };
   if (bfloat16)
     normalize(reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<uint16_t*>(y.data_ptr()));

@@ -22,6 +22,7 @@
 #include <immintrin.h>
 
 #include "bfloat16_avx512.h"
+#include "sum_lanes_avx512.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -34,7 +35,9 @@
 
 namespace {
 
+using dinat_simd::kSlot;
 using dinat_simd::load16;
+using dinat_simd::sum_each;
 
 // keys[i * K + t]: position of the t-th key in the window of query i; rel[i * K + t]: its RPB index
 struct AxisWindows {
@@ -82,27 +85,6 @@ inline void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
 constexpr int64_t kMaxWindow = 256;  // kernel_h * kernel_w of the fast path, rounded up to 16 lanes
 
 #define DINAT_AVX512 __attribute__((target("avx512f")))
-
-DINAT_AVX512 inline __m512 add_halves(__m512 x, __m512 y) {
-  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(1, 0, 1, 0)),
-                       _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 2, 3, 2)));
-}
-DINAT_AVX512 inline __m512 add_quarters(__m512 x, __m512 y) {
-  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-DINAT_AVX512 inline __m512 add_pairs(__m512 x, __m512 y) {
-  return _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
-}
-
-// Sums each of 16 vectors into one lane: lane t holds the sum of the vector in slot kSlot[t].
-constexpr int kSlot[16] = {0, 8, 4, 12, 1, 9, 5, 13, 2, 10, 6, 14, 3, 11, 7, 15};
-DINAT_AVX512 inline __m512 sum_each(const __m512* v) {
-  __m512 a[8], b[4];
-  for (int i = 0; i < 8; ++i) a[i] = add_halves(v[2 * i], v[2 * i + 1]);
-  for (int i = 0; i < 4; ++i) b[i] = add_quarters(a[2 * i], a[2 * i + 1]);
-  return add_pairs(add_pairs(b[0], b[1]), add_pairs(b[2], b[3]));
-}
 
 // exp for x <= 0 (scores minus their maximum): Cephes' polynomial, about 1 ulp; exactly 0 below -87, so that
 // no denormal numbers (slow on most CPUs) reach the softmax
