@@ -2,15 +2,16 @@
 // computed in float32 with float32 weight and bias, rounded once, as aten's mixed-dtype LayerNorm).
 //
 // aten's CPU kernel spends most of its time per row on DiNAT's short rows (64-512 channels, tens of thousands of
-// rows); here a row is read once from memory into L1 and normalized there: the mean, then the variance of the
-// centred values (as aten, two passes, not the one-pass sum of squares), then (x - mean) * rstd * weight + bias.
+// rows); here 16 rows at a time are read once from memory into L1 and normalized there: the mean, then the
+// variance of the centred values (as aten, two passes, not the one-pass sum of squares), then
+// (x - mean) * rstd * weight + bias.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
 
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
 
 #include "bfloat16_avx512.h"
@@ -25,48 +26,25 @@ using dinat_simd::sum_each;
 
 constexpr int64_t kBlockRows = 16;
 
-// In and Out: float, or uint16_t holding bfloat16
-template <typename In, typename Out>
-__attribute__((target("avx512f"))) void normalize_rows_avx512(const In* x, const float* weight, const float* bias,
-                                                              Out* y, int64_t channels, int64_t begin, int64_t end,
-                                                              float eps) {
-  const float inverse_channels = 1.0f / static_cast<float>(channels);
-  for (int64_t r = begin; r < end; ++r) {
-    const In* in = x + r * channels;
-    Out* out = y + r * channels;
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t c = 0; c < channels; c += 16) sum = _mm512_add_ps(sum, load16(in + c));
-    const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) * inverse_channels);
-    __m512 squares = _mm512_setzero_ps();
-    for (int64_t c = 0; c < channels; c += 16) {
-      const __m512 centred = _mm512_sub_ps(load16(in + c), mean);
-      squares = _mm512_fmadd_ps(centred, centred, squares);
-    }
-    const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(squares) * inverse_channels + eps));
-    for (int64_t c = 0; c < channels; c += 16) {
-      const __m512 normalized = _mm512_mul_ps(_mm512_sub_ps(load16(in + c), mean), rstd);
-      store16(out + c, _mm512_fmadd_ps(normalized, _mm512_loadu_ps(weight + c), _mm512_loadu_ps(bias + c)));
-    }
-  }
-}
-
 // lane r of `values`, in every lane
 __attribute__((target("avx512f"))) inline __m512 lane(__m512 values, int r) {
   return _mm512_permutexvar_ps(_mm512_set1_epi32(r), values);
 }
 
-// The same for kBlockRows consecutive rows at once: their sums, then their squared deviations, are reduced
-// across the 16 rows together (one transpose-and-add tree instead of two horizontal sums per row), and the 16
-// reciprocal standard deviations take one vector square root and division.
+// Normalizes `count` (at most kBlockRows) consecutive rows. Their sums, then their squared deviations, are reduced
+// across the rows together (one transpose-and-add tree instead of two horizontal sums per row), and their
+// reciprocal standard deviations take one vector square root and division. In and Out: float, or uint16_t holding
+// bfloat16.
 template <typename In, typename Out>
 __attribute__((target("avx512f"))) void normalize_block_avx512(const In* x, const float* weight, const float* bias,
-                                                               Out* y, int64_t channels, float eps) {
+                                                               Out* y, int64_t channels, int count, float eps) {
   const __m512 inverse_channels = _mm512_set1_ps(1.0f / static_cast<float>(channels));
   __m512 partial[kBlockRows];
   for (int r = 0; r < kBlockRows; ++r) {
     const In* in = x + r * channels;
     __m512 sum = _mm512_setzero_ps();
-    for (int64_t c = 0; c < channels; c += 16) sum = _mm512_add_ps(sum, load16(in + c));
+    if (r < count)
+      for (int64_t c = 0; c < channels; c += 16) sum = _mm512_add_ps(sum, load16(in + c));
     partial[kSlot[r]] = sum;
   }
   const __m512 means = _mm512_mul_ps(sum_each(partial), inverse_channels);
@@ -74,16 +52,17 @@ __attribute__((target("avx512f"))) void normalize_block_avx512(const In* x, cons
     const In* in = x + r * channels;
     const __m512 row_mean = lane(means, r);
     __m512 squares = _mm512_setzero_ps();
-    for (int64_t c = 0; c < channels; c += 16) {
-      const __m512 centred = _mm512_sub_ps(load16(in + c), row_mean);
-      squares = _mm512_fmadd_ps(centred, centred, squares);
-    }
+    if (r < count)
+      for (int64_t c = 0; c < channels; c += 16) {
+        const __m512 centred = _mm512_sub_ps(load16(in + c), row_mean);
+        squares = _mm512_fmadd_ps(centred, centred, squares);
+      }
     partial[kSlot[r]] = squares;
   }
   const __m512 variance = _mm512_mul_ps(sum_each(partial), inverse_channels);
   const __m512 rstds = _mm512_div_ps(_mm512_set1_ps(1.0f),
                                      _mm512_sqrt_ps(_mm512_add_ps(variance, _mm512_set1_ps(eps))));
-  for (int r = 0; r < kBlockRows; ++r) {
+  for (int r = 0; r < count; ++r) {
     const In* in = x + r * channels;
     Out* out = y + r * channels;
     const __m512 row_mean = lane(means, r), row_rstd = lane(rstds, r);
@@ -124,17 +103,16 @@ torch::Tensor layer_norm_rows(const torch::Tensor& x, const torch::Tensor& weigh
   const int64_t rows = channels == 0 ? 0 : x.numel() / channels;
   const float* wp = weight.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
-  // whole blocks of rows, then the rest one by one: which way a row goes depends on its index alone, not on how
-  // the rows are split between threads
-  const int64_t blocks = rows / kBlockRows;
+  // blocks of kBlockRows rows (the last one may be short); threads split whole blocks
+  const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
   auto normalize = [&](const auto* xp, auto* yp) {
     at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
         const int64_t offset = block * kBlockRows * channels;
-        normalize_block_avx512(xp + offset, wp, bp, yp + offset, channels, static_cast<float>(eps));
+        const int count = static_cast<int>(std::min(kBlockRows, rows - block * kBlockRows));
+        normalize_block_avx512(xp + offset, wp, bp, yp + offset, channels, count, static_cast<float>(eps));
       }
     });
-    normalize_rows_avx512(xp, wp, bp, yp, channels, blocks * kBlockRows, rows, static_cast<float>(eps));
   };
   if (bfloat16)
     normalize(reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<uint16_t*>(y.data_ptr()));
