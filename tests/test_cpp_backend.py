@@ -20,6 +20,7 @@ import torch
 from dinat import ops
 from dinat.ops import cpp_backend, dispatch
 from na_tester import NACase, reference_run
+from reference_na import reference_na2d, reference_windows
 
 
 def test_the_kernel_builds_here():
@@ -71,24 +72,58 @@ def test_half_inputs_are_computed_in_float32_and_returned_in_their_dtype(dtype):
     reference_run(VECTOR_CASES[1], seed=3).check_backend("cpp", dtype, backward=True)
 
 
+def _copies(call) -> tuple[int, object]:
+    """(how many aten::copy_ a call runs, its result): a float32 copy of bfloat16 inputs shows as copies."""
+    with torch.profiler.profile() as profile:
+        result = call()
+    return sum(event.name == "aten::copy_" for event in profile.events()), result
+
+
 @pytest.mark.parametrize("case, reads_in_place", [(VECTOR_CASES[1], True), (VECTOR_CASES[4], True),
-                                                   (GROUP_CASES[0], True), (GROUP_CASES[1], True),
+                                                   (GROUP_CASES[2], True), (GROUP_CASES[3], True),
                                                    (VECTOR_CASES[5], False), (LOOP_CASES[0], False)], ids=str)
 def test_bfloat16_is_read_in_place_where_the_fast_paths_run(case, reads_in_place):
     # the group and 16-queries paths convert bfloat16 as they gather; the others get a float32 copy first. Either
-    # way the result is the float32 kernel's on the widened (exact) inputs, bit for bit.
+    # way the result is the float32 kernel's on the widened (exact) inputs, bit for bit, the output rounded to
+    # bfloat16 (head_dims 48 and 16 keep the group path in float32 on every CPU)
     generator = torch.Generator().manual_seed(2)
     shape = (case.batch, case.heads, case.height, case.width, case.head_dim)
     q, k, v = (torch.randn(shape, generator=generator).bfloat16() for _ in range(3))
     rpb = torch.randn(case.heads, 2 * case.kernel - 1, 2 * case.kernel - 1, generator=generator)
     arguments = (rpb, [case.kernel] * 2, [case.dilation] * 2, 0.3, True)
-    with torch.profiler.profile(record_shapes=True) as profile:
-        out, probs = torch.ops.dinat.na2d_cpp(q, k, v, *arguments)
-    widened = [event for event in profile.events() if event.name == "aten::copy_"]
-    assert (not widened) == reads_in_place
+    copies, (out, probs) = _copies(lambda: torch.ops.dinat.na2d_cpp(q, k, v, *arguments))
+    assert (copies == 0) == reads_in_place
     want_out, want_probs = torch.ops.dinat.na2d_cpp(q.float(), k.float(), v.float(), *arguments)
-    assert out.dtype == probs.dtype == torch.float32
-    assert torch.equal(out, want_out) and torch.equal(probs, want_probs)
+    assert out.dtype == torch.bfloat16 and probs.dtype == torch.float32
+    assert torch.equal(out, want_out.bfloat16()) and torch.equal(probs, want_probs)
+
+
+# the group path's bfloat16 pair products: head_dims of whole 32-value chunks, windows of one to four vectors
+PAIR_CASES = [GROUP_CASES[0], GROUP_CASES[1], NACase(15, 15, 5, 3, 1, 2, 32), NACase(9, 9, 3, 3, 2, 1, 32)]
+
+
+@pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="this CPU has no AVX512-BF16 instructions")
+@pytest.mark.parametrize("case", PAIR_CASES, ids=str)
+def test_bfloat16_groups_multiply_bfloat16_pairs(case):
+    # the scores are the exact products of the bfloat16 q and k summed in float32, so the probabilities are the
+    # float64 softmax's to float32 precision; the values are weighted with those probabilities rounded to bfloat16,
+    # and the output is that sum rounded to bfloat16. The float32 path (widened inputs) gives another output.
+    run = reference_run(case, seed=4)
+    q, k, v = (t.bfloat16() for t in (run.q, run.k, run.v))
+    kernel, dilation = [case.kernel] * 2, [case.dilation] * 2
+    arguments = (run.rpb.float(), kernel, dilation, case.head_dim ** -0.5, True)
+    copies, (out, probs) = _copies(lambda: torch.ops.dinat.na2d_cpp(q, k, v, *arguments))
+    assert copies == 0 and out.dtype == torch.bfloat16
+    _, exact_probs = reference_na2d(q.double(), k.double(), v.double(), case.kernel, case.dilation,
+                                    run.rpb.float().double())
+    torch.testing.assert_close(probs.double(), exact_probs, atol=1e-6, rtol=0)
+    rows, cols, _, _ = (torch.tensor(t) for t in reference_windows(case.height, case.width, case.kernel,
+                                                                     case.dilation))
+    values = v.double()[:, :, rows, cols].view(*probs.shape, case.head_dim)
+    weighted = (probs.bfloat16().double()[..., None] * values).sum(-2)
+    torch.testing.assert_close(out.double(), weighted, atol=1e-5, rtol=2 ** -8)
+    float32_out, _ = torch.ops.dinat.na2d_cpp(q.float(), k.float(), v.float(), *arguments)
+    assert not torch.equal(out, float32_out.bfloat16())
 
 
 def test_scale_argument_is_applied():

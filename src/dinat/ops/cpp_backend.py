@@ -117,7 +117,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # The ops' CPU kernels are C++ (csrc/bindings.cpp), registered when the extension loads; their schemas, fake
-# versions and autograd formulas are here. Inputs in 16-bit floats are computed in float32 and returned in float32.
+# versions and autograd formulas are here. Inputs in 16-bit floats are computed in float32; the output comes back in
+# the inputs' dtype, the probabilities kept for backward in float32.
 _KERNEL_ARGUMENTS = "int[] kernel_size, int[] dilation, float scale"
 torch.library.define("dinat::na2d_cpp", "(Tensor q, Tensor k, Tensor v, Tensor? rpb, "
                      f"{_KERNEL_ARGUMENTS}, bool keep_probabilities) -> (Tensor, Tensor)")
@@ -137,7 +138,7 @@ def _unpack(qkv: torch.Tensor):
 def _forward_fake(q, kernel_size, keep_probabilities):
     batch, heads, height, width, dim = q.shape
     compute = _compute_dtype(q.dtype)
-    out = q.new_empty(batch, height, width, heads, dim, dtype=compute).permute(0, 3, 1, 2, 4)
+    out = q.new_empty(batch, height, width, heads, dim).permute(0, 3, 1, 2, 4)
     probs = q.new_empty((batch, heads, height, width, kernel_size[0] * kernel_size[1]) if keep_probabilities else (0,),
                         dtype=compute)
     return out, probs
@@ -264,7 +265,7 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Pair, d
     keep_probabilities = plan.needs_grad(q, k, v, rpb)
     with torch.autocast("cpu", enabled=False):
         out, _ = torch.ops.dinat.na2d_cpp(q, k, v, rpb, list(kernel_size), list(dilation), scale, keep_probabilities)
-    return out if out.dtype == q.dtype else out.to(q.dtype)
+    return out
 
 
 def na2d_packed(qkv: torch.Tensor, kernel_size: Pair, dilation: Pair, rpb: torch.Tensor | None = None,
@@ -276,7 +277,7 @@ def na2d_packed(qkv: torch.Tensor, kernel_size: Pair, dilation: Pair, rpb: torch
     with torch.autocast("cpu", enabled=False):
         out, _ = torch.ops.dinat.na2d_cpp_packed(qkv, rpb, list(kernel_size), list(dilation), scale,
                                                  keep_probabilities)
-    return out if out.dtype == qkv.dtype else out.to(qkv.dtype)
+    return out
 
 
 __all__ = ["can_run", "na2d", "na2d_packed", "unavailable_reason"]

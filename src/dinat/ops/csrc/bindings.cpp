@@ -53,7 +53,8 @@ TensorPair na2d(const torch::Tensor& q, const torch::Tensor& k, const torch::Ten
   const c10::ScalarType dtype = read_dtype(q.scalar_type());
   auto out = dinat::forward(readable(q, dtype), readable(k, dtype), readable(v, dtype), rpb, kernel_size[0],
                             kernel_size[1], dilation[0], dilation[1], scale, keep_probabilities);
-  return {out[0], out[1]};
+  // the output in the inputs' dtype (float16 is computed in float32); the probabilities stay in the compute dtype
+  return {out[0].to(q.scalar_type()), out[1]};
 }
 
 // (grad_qkv as (3, B, heads, H, W, D) viewing a (B, H, W, 3, heads, D) tensor, grad_rpb or an empty tensor)

@@ -13,8 +13,9 @@
 //     one query at a time, its keys' dot products summed 16 at a time (`forward_rows_avx512`,
 //     `backward_heads_avx512`);
 //   - everything else (float64, other head_dims, CPUs without AVX-512): plain loops.
-// bfloat16 q, k, v (autocast) compute in float32: the first two paths widen them as they gather them, the others
-// get a float32 copy first.
+// bfloat16 q, k, v (autocast) compute in float32 and return a bfloat16 output: the first two paths widen them as
+// they gather them (on CPUs with AVX512-BF16 the group path multiplies them as bfloat16 pairs instead,
+// `group_attention_pairs`), the others get a float32 copy first.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -26,6 +27,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -37,6 +39,7 @@ namespace {
 
 using dinat_simd::kSlot;
 using dinat_simd::load16;
+using dinat_simd::store16;
 using dinat_simd::sum_each;
 
 // keys[i * K + t]: position of the t-th key in the window of query i; rel[i * K + t]: its RPB index
@@ -523,8 +526,9 @@ DINAT_AVX512 void forward_tile(const Geometry& g, const LaneTile& tile, const fl
 }
 
 // the inverse of gather_transposed: in[e * 16 + l] for e < count -> row of lane l (at base + column * stride),
-// for the lanes in `used`
-DINAT_AVX512 inline void scatter_transposed(const float* in, int64_t count, const LaneTile& tile, float* base,
+// for the lanes in `used`, as Out (float32, or bfloat16 where count is a multiple of 16)
+template <typename Out>
+DINAT_AVX512 inline void scatter_transposed(const float* in, int64_t count, const LaneTile& tile, Out* base,
                                             int64_t stride, __mmask16 used) {
   for (int64_t chunk = 0; chunk < count; chunk += 16) {
     const int64_t width = std::min<int64_t>(16, count - chunk);
@@ -533,7 +537,12 @@ DINAT_AVX512 inline void scatter_transposed(const float* in, int64_t count, cons
     for (int e = 0; e < 16; ++e) m[e] = e < width ? _mm512_load_ps(in + (chunk + e) * 16) : _mm512_setzero_ps();
     transpose16(m);
     for (int l = 0; l < 16; ++l)
-      if ((used >> l) & 1) _mm512_mask_storeu_ps(base + tile.column[l] * stride + chunk, part, m[l]);
+      if ((used >> l) & 1) {
+        if constexpr (std::is_same_v<Out, float>)
+          _mm512_mask_storeu_ps(base + tile.column[l] * stride + chunk, part, m[l]);
+        else
+          store16(base + tile.column[l] * stride + chunk, m[l]);
+      }
   }
 }
 
@@ -541,7 +550,7 @@ template <int KernelW, typename Src>
 DINAT_AVX512 void forward_heads_lanes(const Geometry& g, const AxisWindows& rows, const std::vector<LaneTile>& tiles,
                                       const std::vector<int64_t>& position, const Src* qp, const View5& qs,
                                       const Src* kp, const View5& ks, const Src* vp, const View5& vs,
-                                      const float* bp, float* op, const View5& os, float* pp, float scale,
+                                      const float* bp, Src* op, const View5& os, float* pp, float scale,
                                       int64_t begin, int64_t end) {
   const int64_t padded_width = g.width + 32;  // the permute's 32-float reads stay inside a row
   // Transposed key and value rows live in a ring of kernel_h slots: rows are visited group by group, so that
@@ -661,9 +670,10 @@ DINAT_AVX512 inline void panel_tile(const float* a, int64_t lda, const float* b,
 }
 
 // out[r][:] = alpha * sum_n a[r * lda + n] * b[n][:] for Rows rows; b rows are Width vectors, out rows anywhere
-template <int Width, int Rows>
+// (float32 or bfloat16)
+template <int Width, int Rows, typename Out>
 DINAT_AVX512 inline void rows_tile(const float* a, int64_t lda, const float* b, int64_t depth, float alpha,
-                                  float* const* out) {
+                                  Out* const* out) {
   constexpr int64_t ld = 16 * Width;
   __m512 acc[Rows][Width];
   for (int r = 0; r < Rows; ++r)
@@ -678,7 +688,7 @@ DINAT_AVX512 inline void rows_tile(const float* a, int64_t lda, const float* b, 
   }
   const __m512 factor = _mm512_set1_ps(alpha);
   for (int r = 0; r < Rows; ++r)
-    for (int j = 0; j < Width; ++j) _mm512_storeu_ps(out[r] + 16 * j, _mm512_mul_ps(acc[r][j], factor));
+    for (int j = 0; j < Width; ++j) store16(out[r] + 16 * j, _mm512_mul_ps(acc[r][j], factor));
 }
 
 // calls tile(integral_constant<Rows>, first_row) over `rows` rows in tiles of kTileRows<Width>
@@ -708,9 +718,9 @@ DINAT_AVX512 void panel_product(const float* a, int64_t lda, int64_t rows, const
   });
 }
 
-template <int Width>
+template <int Width, typename Out>
 DINAT_AVX512 void rows_product(const float* a, int64_t lda, int64_t rows, const float* b, int64_t depth, float alpha,
-                               float* const* out) {
+                               Out* const* out) {
   over_tiles<Width>(rows, [&](auto tile_rows, int64_t r) {
     rows_tile<Width, decltype(tile_rows)::value>(a + r * lda, lda, b, depth, alpha, out + r);
   });
@@ -800,19 +810,160 @@ DINAT_AVX512 inline void gather_columns(const Src* const* rows, int64_t count, i
   }
 }
 
+// row (Width vectors of scores, -inf past the window) -> s: its softmax
+template <int Width>
+DINAT_AVX512 inline void softmax_row(const float* row, __m512 (&s)[Width]) {
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int j = 0; j < Width; ++j) top = _mm512_max_ps(top, s[j] = _mm512_load_ps(row + 16 * j));
+  const __m512 maximum = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 total = _mm512_setzero_ps();
+  for (int j = 0; j < Width; ++j) {
+    s[j] = exp_nonpositive(_mm512_sub_ps(s[j], maximum));
+    total = _mm512_add_ps(total, s[j]);
+  }
+  const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+  for (int j = 0; j < Width; ++j) s[j] = _mm512_mul_ps(s[j], inverse);
+}
+
+// ---- bfloat16 on CPUs with AVX512-BF16, in the group path: bfloat16 pair products ---------------------------
+// vdpbf16ps multiplies 16 pairs of bfloat16 and adds both products of each pair to a float32 sum: a pair of
+// multiply-adds per lane, where the float32 path widens the bfloat16 inputs and does one. The scores are sums of
+// the exact products of q and k in float32, the softmax runs in float32, and the values are weighted with the
+// probabilities rounded to bfloat16 (a relative error of at most 2^-9 each, the precision of the bfloat16 values
+// they weight). Operands hold pairs as uint32: a row-major pair matrix has a row's two neighbours in one uint32, a
+// "pair rows" matrix has rows 2m and 2m + 1 interleaved in its row m.
+#define DINAT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// head_dims of whole 32-value (one vector of pairs) chunks, on a CPU with the instructions
+bool pair_products_fit(int64_t dim) {
+  static const bool instructions = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  return instructions && dim % 32 == 0;
+}
+
+// acc[r][j] += sum_p a[r * lda + p] * b[p][16 j .. 16 j + 15] as bfloat16 pairs; b rows are Width vectors
+template <int Width, int Rows>
+DINAT_AVX512_BF16 inline void pair_products(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t depth,
+                                            __m512 (&acc)[Rows][Width]) {
+  for (int64_t p = 0; p < depth; ++p) {
+    __m512i row[Width];
+    for (int j = 0; j < Width; ++j) row[j] = _mm512_load_si512(b + (p * Width + j) * 16);
+    for (int r = 0; r < Rows; ++r) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * lda + p]));
+      for (int j = 0; j < Width; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], x, (__m512bh)row[j]);
+    }
+  }
+}
+
+// rows[n] (n < count, `pairs` uint32 each) -> out[p][n] (row stride 16 * Width), columns n >= count zero
+template <int Width>
+DINAT_AVX512_BF16 inline void transpose_pairs(const uint32_t* const* rows, int64_t count, int64_t pairs,
+                                              uint32_t* out) {
+  for (int64_t chunk = 0; chunk < pairs; chunk += 16)
+    for (int64_t first = 0; first < 16 * Width; first += 16) {
+      __m512 m[16];
+      for (int l = 0; l < 16; ++l)
+        m[l] = first + l < count ? _mm512_castsi512_ps(_mm512_loadu_si512(rows[first + l] + chunk))
+                                 : _mm512_setzero_ps();
+      transpose16(m);
+      for (int e = 0; e < 16; ++e) _mm512_store_ps(reinterpret_cast<float*>(out + (chunk + e) * 16 * Width + first), m[e]);
+    }
+}
+
+// rows[n] (n < count, dim bfloat16 each) -> out[m][c]: the pair (rows[2m][c], rows[2m + 1][c]), a zero row past count
+DINAT_AVX512_BF16 inline void interleave_row_pairs(const uint16_t* const* rows, int64_t count, int64_t dim,
+                                                   uint32_t* out) {
+  alignas(64) static const uint16_t first_half[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                      8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i low = _mm512_load_si512(first_half), high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+  for (int64_t m = 0; 2 * m < count; ++m)
+    for (int64_t c = 0; c < dim; c += 32) {
+      const __m512i even = _mm512_loadu_si512(rows[2 * m] + c);
+      const __m512i odd = 2 * m + 1 < count ? _mm512_loadu_si512(rows[2 * m + 1] + c) : _mm512_setzero_si512();
+      _mm512_store_si512(out + m * dim + c, _mm512_permutex2var_epi16(even, low, odd));
+      _mm512_store_si512(out + m * dim + c + 16, _mm512_permutex2var_epi16(even, high, odd));
+    }
+}
+
+// scores[r][:] = scale * (q_r . k) + bias[r][:] for Rows rows; query: pairs uint32 a row, keys_t: pair rows
+template <int Width, int Rows>
+DINAT_AVX512_BF16 void score_tile(const uint32_t* query, int64_t pairs, const uint32_t* keys_t, const float* bias,
+                                  float scale, float* scores) {
+  constexpr int64_t padded = 16 * Width;
+  __m512 acc[Rows][Width] = {};
+  pair_products<Width, Rows>(query, pairs, keys_t, pairs, acc);
+  const __m512 factor = _mm512_set1_ps(scale);
+  for (int r = 0; r < Rows; ++r)
+    for (int j = 0; j < Width; ++j) {
+      const int64_t at = r * padded + 16 * j;
+      _mm512_store_ps(scores + at, _mm512_fmadd_ps(acc[r][j], factor, _mm512_load_ps(bias + at)));
+    }
+}
+
+// out[r][:] = sum_m probs[r] pair m * values pair row m, for Rows rows, rounded to bfloat16
+template <int Chunks, int Rows>
+DINAT_AVX512_BF16 void value_tile(const uint32_t* probs, int64_t lda, const uint32_t* values, int64_t depth,
+                                  uint16_t* const* out) {
+  __m512 acc[Rows][Chunks] = {};
+  pair_products<Chunks, Rows>(probs, lda, values, depth, acc);
+  for (int r = 0; r < Rows; ++r)
+    for (int j = 0; j < Chunks; ++j) store16(out[r] + 16 * j, acc[r][j]);
+}
+
+// row of scores -> its softmax in float32 (in place) and rounded to bfloat16 (probs)
+template <int Width>
+DINAT_AVX512_BF16 void softmax_pairs_row(float* row, uint16_t* probs) {
+  __m512 s[Width];
+  softmax_row<Width>(row, s);
+  for (int j = 0; j < Width; ++j) {
+    _mm512_store_ps(row + 16 * j, s[j]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(probs + 16 * j), (__m256i)_mm512_cvtneps_pbh(s[j]));
+  }
+}
+
+// one group's attention from bfloat16 rows: out_rows[r] = sum_n softmax_n(scale q_r . k_n + bias[r][n]) v_n;
+// keep(r, float32 probabilities of query r) for the backward
+template <int Width, int Chunks, typename Keep>
+void group_attention_pairs(int64_t window, const uint16_t* const* query_rows, const uint16_t* const* key_rows,
+                           const uint16_t* const* value_rows, const float* bias, float scale, Scratch& scratch,
+                           Keep&& keep, uint16_t* const* out_rows) {
+  constexpr int64_t padded = 16 * Width, pairs = 8 * Chunks;
+  uint32_t* query = reinterpret_cast<uint32_t*>(scratch[0]);
+  uint32_t* keys_t = reinterpret_cast<uint32_t*>(scratch[1]);
+  uint32_t* values = reinterpret_cast<uint32_t*>(scratch[2]);
+  float* scores = scratch[3];
+  uint16_t* probs = reinterpret_cast<uint16_t*>(scratch[4]);
+  for (int64_t r = 0; r < window; ++r) std::memcpy(query + r * pairs, query_rows[r], 4 * pairs);
+  transpose_pairs<Width>(reinterpret_cast<const uint32_t* const*>(key_rows), window, pairs, keys_t);
+  interleave_row_pairs(value_rows, window, 16 * Chunks, values);
+  over_tiles<Width>(window, [&](auto rows, int64_t first) {
+    score_tile<Width, decltype(rows)::value>(query + first * pairs, pairs, keys_t, bias + first * padded, scale,
+                                             scores + first * padded);
+  });
+  for (int64_t r = 0; r < window; ++r) {
+    softmax_pairs_row<Width>(scores + r * padded, probs + r * padded);
+    keep(r, scores + r * padded);
+  }
+  const uint32_t* prob_pairs = reinterpret_cast<const uint32_t*>(probs);
+  over_tiles<Chunks>(window, [&](auto rows, int64_t first) {
+    value_tile<Chunks, decltype(rows)::value>(prob_pairs + first * padded / 2, padded / 2, values, (window + 1) / 2,
+                                              out_rows + first);
+  });
+}
+
 inline void prefetch(const void* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 
 template <int Width, int Chunks, typename Src>
 DINAT_AVX512 void forward_groups(const Geometry& g, const GroupLayout& layout, int64_t dil_w, const Src* qp,
                                  const View5& qs, const Src* kp, const View5& ks, const Src* vp, const View5& vs,
-                                 const float* bias, float* op, const View5& os, float* pp, float scale, int64_t begin,
+                                 const float* bias, Src* op, const View5& os, float* pp, float scale, int64_t begin,
                                  int64_t end) {
   constexpr int64_t padded = 16 * Width, dim = 16 * Chunks;
-  Scratch scratch(4);
+  Scratch scratch(5);
   float *query = scratch[0], *keys_t = scratch[1], *values = scratch[2], *probs = scratch[3];
   const Src zeros[64] = {};
+  const bool bfloat16_pairs = std::is_same_v<Src, uint16_t> && pair_products_fit(dim);
   const Src *query_rows[kMaxGroupWindow], *key_rows[kMaxGroupWindow], *value_rows[kMaxGroupWindow];
-  float* out_rows[kMaxGroupWindow];
+  Src* out_rows[kMaxGroupWindow];
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / g.heads, h = task % g.heads;
     const float* bias_h = bias + h * g.window * padded;
@@ -839,26 +990,28 @@ DINAT_AVX512 void forward_groups(const Geometry& g, const GroupLayout& layout, i
           }
         }
       }
+      const auto keep = [&](int64_t r, const float* row) {  // the probabilities a backward call needs
+        if (pp == nullptr) return;
+        const int64_t y = layout.offset_y[r] + gy, x = layout.offset_x[r] + gx;
+        std::copy_n(row, g.window, pp + (((b * g.heads + h) * g.height + y) * g.width + x) * g.window);
+      };
+      if constexpr (std::is_same_v<Src, uint16_t>) {
+        if (bfloat16_pairs) {
+          group_attention_pairs<Width, Chunks>(g.window, query_rows, key_rows, value_rows, bias_h, scale, scratch,
+                                               keep, out_rows);
+          continue;
+        }
+      }
       gather_rows<Chunks>(query_rows, g.window, scale, query);
       gather_columns<Width>(key_rows, g.window, dim, zeros, keys_t);
       gather_rows<Chunks>(value_rows, g.window, 1.0f, values);
       panel_product<Width>(query, dim, g.window, keys_t, dim, bias_h, probs);  // scores + bias
       for (int64_t r = 0; r < g.window; ++r) {
         float* row = probs + r * padded;
-        __m512 s[Width], top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-        for (int j = 0; j < Width; ++j) top = _mm512_max_ps(top, s[j] = _mm512_load_ps(row + 16 * j));
-        const __m512 maximum = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-        __m512 total = _mm512_setzero_ps();
-        for (int j = 0; j < Width; ++j) {
-          s[j] = exp_nonpositive(_mm512_sub_ps(s[j], maximum));
-          total = _mm512_add_ps(total, s[j]);
-        }
-        const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-        for (int j = 0; j < Width; ++j) _mm512_store_ps(row + 16 * j, _mm512_mul_ps(s[j], inverse));
-        if (pp != nullptr) {
-          const int64_t y = layout.offset_y[r] + gy, x = layout.offset_x[r] + gx;
-          std::copy_n(row, g.window, pp + (((b * g.heads + h) * g.height + y) * g.width + x) * g.window);
-        }
+        __m512 s[Width];
+        softmax_row<Width>(row, s);
+        for (int j = 0; j < Width; ++j) _mm512_store_ps(row + 16 * j, s[j]);
+        keep(r, row);
       }
       rows_product<Chunks>(probs, padded, g.window, values, g.window, 1.0f, out_rows);
     }
@@ -1088,14 +1241,14 @@ bool reads_bfloat16(const torch::Tensor& q, const Geometry& g, int64_t dil_h, in
          (whole_groups(g, dil_h, dil_w) || with_kernel_width(g.kernel_w, [](auto) {}));
 }
 
-// The AVX-512 forward paths on raw Src values (float, or uint16_t holding bfloat16); out and probs are float32.
+// The AVX-512 forward paths on raw Src values (float, or uint16_t holding bfloat16); out is Src, probs float32.
 template <typename Src>
 void forward_fast(const Geometry& g, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                   const float* bp, int64_t dil_h, int64_t dil_w, float scale, torch::Tensor& out, float* pp) {
   const Src* qp = reinterpret_cast<const Src*>(q.data_ptr());
   const Src* kp = reinterpret_cast<const Src*>(k.data_ptr());
   const Src* vp = reinterpret_cast<const Src*>(v.data_ptr());
-  float* op = out.data_ptr<float>();
+  Src* op = reinterpret_cast<Src*>(out.data_ptr());
   const View5 qs(q), ks(k), vs(v), os(out);
   if (whole_groups(g, dil_h, dil_w)) {
     const GroupLayout layout(g, dil_h, dil_w);
@@ -1136,7 +1289,7 @@ namespace dinat {
 
 // Returns (out, probs): out is (B, heads, H, W, D) viewing a (B, H, W, heads, D) tensor; probs is
 // (B, heads, H, W, kernel_h * kernel_w) when keep_probabilities, else empty. q, k, v are float32 or float64, or
-// bfloat16, which computes in float32 and returns float32 out and probs.
+// bfloat16, which computes in float32 and returns bfloat16 out and float32 probs.
 std::vector<torch::Tensor> forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                    const c10::optional<torch::Tensor>& rpb, int64_t kernel_h, int64_t kernel_w,
                                    int64_t dil_h, int64_t dil_w, double scale, bool keep_probabilities) {
@@ -1144,14 +1297,16 @@ std::vector<torch::Tensor> forward(const torch::Tensor& q, const torch::Tensor& 
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "na2d_cpu: q, k and v must have one shape");
   const Geometry g(q, kernel_h, kernel_w);
   const bool bfloat16 = q.scalar_type() == torch::kBFloat16;
-  if (bfloat16 && !reads_bfloat16(q, g, dil_h, dil_w))
-    return forward(q.to(torch::kFloat), k.to(torch::kFloat), v.to(torch::kFloat), rpb, kernel_h, kernel_w, dil_h,
-                   dil_w, scale, keep_probabilities);
+  if (bfloat16 && !reads_bfloat16(q, g, dil_h, dil_w)) {
+    auto widened = forward(q.to(torch::kFloat), k.to(torch::kFloat), v.to(torch::kFloat), rpb, kernel_h, kernel_w,
+                           dil_h, dil_w, scale, keep_probabilities);
+    return {widened[0].to(torch::kBFloat16), widened[1]};
+  }
   const auto options = bfloat16 ? q.options().dtype(torch::kFloat) : q.options();
   c10::optional<torch::Tensor> bias;
   if (rpb.has_value()) bias = rpb->to(options.dtype()).contiguous();
   const int64_t batch = q.size(0), heads = q.size(1), height = q.size(2), width = q.size(3);
-  auto out = torch::empty({batch, height, width, heads, v.size(4)}, options).permute({0, 3, 1, 2, 4});
+  auto out = torch::empty({batch, height, width, heads, v.size(4)}, q.options()).permute({0, 3, 1, 2, 4});
   auto probs = keep_probabilities ? torch::empty({batch, heads, height, width, kernel_h * kernel_w}, options)
                                   : torch::empty({0}, options);
   const float* bp = bias.has_value() && bias->scalar_type() == torch::kFloat ? bias->data_ptr<float>() : nullptr;
