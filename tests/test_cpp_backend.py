@@ -2,8 +2,8 @@
 each of its code paths (float32 on AVX-512: dense products per dilation group where a group is one window,
 16 queries per vector for kernel widths 3..13, one query per vector for other windows up to 256 keys and the
 backward; plain loops for everything else), reads strided views, the packed qkv projection and (on its two
-fastest paths) bfloat16 in place, and is what the dispatcher picks on CPU, unless it cannot be built, in which
-case the torch backend runs and forcing cpp says why."""
+fastest paths) bfloat16 in place, multiplying it as bfloat16 pairs on CPUs with AVX512-BF16, and is what the
+dispatcher picks on CPU, unless it cannot be built, in which case the torch backend runs and forcing cpp says why."""
 
 from __future__ import annotations
 
@@ -79,13 +79,13 @@ def _copies(call) -> tuple[int, object]:
     return sum(event.name == "aten::copy_" for event in profile.events()), result
 
 
-@pytest.mark.parametrize("case, reads_in_place", [(VECTOR_CASES[1], True), (VECTOR_CASES[4], True),
+@pytest.mark.parametrize("case, reads_in_place", [(VECTOR_CASES[3], True), (VECTOR_CASES[4], True),
                                                    (GROUP_CASES[2], True), (GROUP_CASES[3], True),
                                                    (VECTOR_CASES[5], False), (LOOP_CASES[0], False)], ids=str)
 def test_bfloat16_is_read_in_place_where_the_fast_paths_run(case, reads_in_place):
     # the group and 16-queries paths convert bfloat16 as they gather; the others get a float32 copy first. Either
     # way the result is the float32 kernel's on the widened (exact) inputs, bit for bit, the output rounded to
-    # bfloat16 (head_dims 48 and 16 keep the group path in float32 on every CPU)
+    # bfloat16 (head_dims 48 and 16 keep both paths in float32 on every CPU: no bfloat16 pair products)
     generator = torch.Generator().manual_seed(2)
     shape = (case.batch, case.heads, case.height, case.width, case.head_dim)
     q, k, v = (torch.randn(shape, generator=generator).bfloat16() for _ in range(3))
@@ -98,13 +98,16 @@ def test_bfloat16_is_read_in_place_where_the_fast_paths_run(case, reads_in_place
     assert torch.equal(out, want_out.bfloat16()) and torch.equal(probs, want_probs)
 
 
-# the group path's bfloat16 pair products: head_dims of whole 32-value chunks, windows of one to four vectors
-PAIR_CASES = [GROUP_CASES[0], GROUP_CASES[1], NACase(15, 15, 5, 3, 1, 2, 32), NACase(9, 9, 3, 3, 2, 1, 32)]
+# bfloat16 pair products, for head_dims of whole 32-value chunks: the group path with windows of one to four
+# vectors, the 16-queries path with odd kernel widths from 3 to 11, dilated, with partial tiles
+PAIR_CASES = [GROUP_CASES[0], GROUP_CASES[1], NACase(15, 15, 5, 3, 1, 2, 32), NACase(9, 9, 3, 3, 2, 1, 32),
+              VECTOR_CASES[0], VECTOR_CASES[1], VECTOR_CASES[2], NACase(13, 17, 3, 3, 1, 2, 32),
+              NACase(12, 13, 11, 1, 1, 1, 64)]
 
 
 @pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="this CPU has no AVX512-BF16 instructions")
 @pytest.mark.parametrize("case", PAIR_CASES, ids=str)
-def test_bfloat16_groups_multiply_bfloat16_pairs(case):
+def test_bfloat16_multiplies_bfloat16_pairs_in_the_fast_paths(case):
     # the scores are the exact products of the bfloat16 q and k summed in float32, so the probabilities are the
     # float64 softmax's to float32 precision; the values are weighted with those probabilities rounded to bfloat16,
     # and the output is that sum rounded to bfloat16. The float32 path (widened inputs) gives another output.

@@ -10,7 +10,9 @@ Its ops, `dinat::na2d_cpp` (separate q, k, v, as DiNAT's layers pass them in inf
 (one packed qkv projection, as they pass them in training), have C++ CPU kernels registered with torch's dispatcher
 by the extension, so eager calls and compiled graphs reach the kernel without a Python frame; here are their schemas,
 fake versions for tracing, FLOP formulas, and their backward ops registered as their autograd formulas. Inputs in
-16-bit floats are computed in float32 and returned in their dtype.
+16-bit floats come back in their dtype. They are computed in float32, except that on CPUs with AVX512-BF16 the
+fast paths multiply bfloat16 as bfloat16 pairs (float32 sums, probabilities rounded to bfloat16 before they weight
+the values).
 """
 
 from __future__ import annotations
@@ -117,8 +119,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # The ops' CPU kernels are C++ (csrc/bindings.cpp), registered when the extension loads; their schemas, fake
-# versions and autograd formulas are here. Inputs in 16-bit floats are computed in float32; the output comes back in
-# the inputs' dtype, the probabilities kept for backward in float32.
+# versions and autograd formulas are here. The output comes back in the inputs' dtype, the probabilities kept for
+# backward in the compute dtype (float32 for 16-bit inputs).
 _KERNEL_ARGUMENTS = "int[] kernel_size, int[] dilation, float scale"
 torch.library.define("dinat::na2d_cpp", "(Tensor q, Tensor k, Tensor v, Tensor? rpb, "
                      f"{_KERNEL_ARGUMENTS}, bool keep_probabilities) -> (Tensor, Tensor)")

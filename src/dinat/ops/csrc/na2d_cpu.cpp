@@ -13,9 +13,9 @@
 //     one query at a time, its keys' dot products summed 16 at a time (`forward_rows_avx512`,
 //     `backward_heads_avx512`);
 //   - everything else (float64, other head_dims, CPUs without AVX-512): plain loops.
-// bfloat16 q, k, v (autocast) compute in float32 and return a bfloat16 output: the first two paths widen them as
-// they gather them (on CPUs with AVX512-BF16 the group path multiplies them as bfloat16 pairs instead,
-// `group_attention_pairs`), the others get a float32 copy first.
+// bfloat16 q, k, v (autocast) return a bfloat16 output. The first two paths read them in place: on CPUs with
+// AVX512-BF16 they multiply them as bfloat16 pairs (`group_attention_pairs`, `forward_tile_pairs`, for head_dims
+// 32 and 64), elsewhere they widen them to float32 as they gather them. The others get a float32 copy first.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -440,6 +440,44 @@ DINAT_AVX512 inline void transpose16(__m512* m) {
   }
 }
 
+// ---- bfloat16 pair products, on CPUs with AVX512-BF16 (the group and 16-queries paths) ----------------------
+// vdpbf16ps multiplies 16 pairs of bfloat16 and adds both products of each pair to a float32 sum: a pair of
+// multiply-adds per lane, where the float32 paths widen the bfloat16 inputs and do one. The scores are sums of
+// the exact products of q and k in float32, the softmax runs in float32, and the values are weighted with the
+// probabilities rounded to bfloat16 (a relative error of at most 2^-9 each, the precision of the bfloat16 values
+// they weight). Operands hold a pair of bfloat16 in one uint32, the first in its low half.
+#define DINAT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// head_dims of whole 32-value (one vector of pairs) chunks, on a CPU with the instructions
+bool pair_products_fit(int64_t dim) {
+  static const bool instructions = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  return instructions && dim % 32 == 0;
+}
+
+// 16 rows of 2 * pairs bfloat16 -> out[p * stride + l]: pair p of row l, for p < pairs (a multiple of 16)
+DINAT_AVX512_BF16 inline void transpose_pair_rows(const uint16_t* const* rows, int64_t pairs, uint32_t* out,
+                                                  int64_t stride) {
+  for (int64_t chunk = 0; chunk < pairs; chunk += 16) {
+    __m512 m[16];
+    for (int l = 0; l < 16; ++l) m[l] = _mm512_castsi512_ps(_mm512_loadu_si512(rows[l] + 2 * chunk));
+    transpose16(m);
+    for (int e = 0; e < 16; ++e) _mm512_storeu_ps(reinterpret_cast<float*>(out + (chunk + e) * stride), m[e]);
+  }
+}
+
+// float32 bits rounded to nearest even at bit 16 (as torch rounds to bfloat16): the upper half is the bfloat16
+DINAT_AVX512 inline __m512i rounded_bits(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+}
+
+// per lane, the pair (first, second) of float32 values rounded to bfloat16 (no NaN: these are probabilities)
+DINAT_AVX512 inline __m512i round_to_pairs(__m512 first, __m512 second) {
+  return _mm512_or_si512(_mm512_srli_epi32(rounded_bits(first), 16),
+                         _mm512_and_si512(rounded_bits(second), _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
 // rows[l] (16 pointers to `dim` values, Src float32 or bfloat16) -> out[e * 16 + l] for e < dim, as float32,
 // each row times `scale`
 template <typename Src>
@@ -479,34 +517,25 @@ DINAT_AVX512 inline void window_row_values(const float* probs, const float* valu
   }
 }
 
-// key_rows[a] / value_rows[a]: the transposed keys / values of window row a, [channel][column]
+// the scores of window row a (acc) plus its RPB row (bias: rows of 32 floats, or none) -> scores; top: their
+// running maximum
 template <int KernelW>
-DINAT_AVX512 void forward_tile(const Geometry& g, const LaneTile& tile, const float* const* key_rows,
-                               const float* const* value_rows, const int64_t* row_rel, int64_t padded_width,
-                               const float* bias, const float* query_t, float* scores, float* out_t) {
-  __m512i index[KernelW], rel_index[KernelW];
-  const __m512i start = _mm512_load_si512(tile.start), rel = _mm512_load_si512(tile.rel);
+DINAT_AVX512 inline void store_window_row_scores(__m512* acc, const float* bias, int64_t rel_row,
+                                                 const __m512i* rel_index, float* scores, __m512& top) {
+  if (bias != nullptr) {
+    const float* bias_row = bias + rel_row * 32;
+    const __m512 lo = _mm512_loadu_ps(bias_row), hi = _mm512_loadu_ps(bias_row + 16);
+    for (int c = 0; c < KernelW; ++c) acc[c] = _mm512_add_ps(acc[c], _mm512_permutex2var_ps(lo, rel_index[c], hi));
+  }
   for (int c = 0; c < KernelW; ++c) {
-    index[c] = _mm512_add_epi32(start, _mm512_set1_epi32(c));
-    rel_index[c] = _mm512_add_epi32(rel, _mm512_set1_epi32(c));
+    _mm512_store_ps(scores + 16 * c, acc[c]);
+    top = _mm512_max_ps(top, acc[c]);
   }
-  const int64_t channel_stride = padded_width;
-  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t a = 0; a < g.kernel_h; ++a) {
-    __m512 acc[KernelW];
-    window_row_scores<KernelW>(query_t, key_rows[a] + tile.base, channel_stride, g.dim, index, acc);
-    if (bias != nullptr) {  // the RPB row, padded to 32 floats
-      const float* bias_row = bias + row_rel[a] * 32;
-      const __m512 lo = _mm512_loadu_ps(bias_row), hi = _mm512_loadu_ps(bias_row + 16);
-      for (int c = 0; c < KernelW; ++c) acc[c] = _mm512_add_ps(acc[c], _mm512_permutex2var_ps(lo, rel_index[c], hi));
-    }
-    for (int c = 0; c < KernelW; ++c) {
-      _mm512_store_ps(scores + 16 * (a * KernelW + c), acc[c]);
-      top = _mm512_max_ps(top, acc[c]);
-    }
-  }
+}
+
+// scores[16 n + l] for n < window -> the softmax over n of each lane l; top: each lane's maximum
+DINAT_AVX512 inline void normalize_lanes(float* scores, int64_t window, __m512 top) {
   __m512 total = _mm512_setzero_ps();
-  const int64_t window = g.kernel_h * KernelW;
   for (int64_t n = 0; n < window; ++n) {
     const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(scores + 16 * n), top));
     _mm512_store_ps(scores + 16 * n, e);
@@ -515,12 +544,121 @@ DINAT_AVX512 void forward_tile(const Geometry& g, const LaneTile& tile, const fl
   const __m512 inverse = _mm512_div_ps(_mm512_set1_ps(1.0f), total);
   for (int64_t n = 0; n < window; ++n)
     _mm512_store_ps(scores + 16 * n, _mm512_mul_ps(_mm512_load_ps(scores + 16 * n), inverse));
+}
+
+// index[c] / rel_index[c]: each lane's window column c in the transposed rows / in a padded RPB row
+template <int KernelW>
+DINAT_AVX512 inline void lane_indices(const LaneTile& tile, __m512i* index, __m512i* rel_index) {
+  const __m512i start = _mm512_load_si512(tile.start), rel = _mm512_load_si512(tile.rel);
+  for (int c = 0; c < KernelW; ++c) {
+    index[c] = _mm512_add_epi32(start, _mm512_set1_epi32(c));
+    rel_index[c] = _mm512_add_epi32(rel, _mm512_set1_epi32(c));
+  }
+}
+
+// key_rows[a] / value_rows[a]: the transposed keys / values of window row a, [channel][column]
+template <int KernelW>
+DINAT_AVX512 void forward_tile(const Geometry& g, const LaneTile& tile, const float* const* key_rows,
+                               const float* const* value_rows, const int64_t* row_rel, int64_t padded_width,
+                               const float* bias, const float* query_t, float* scores, float* out_t) {
+  __m512i index[KernelW], rel_index[KernelW];
+  lane_indices<KernelW>(tile, index, rel_index);
+  const int64_t channel_stride = padded_width;
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t a = 0; a < g.kernel_h; ++a) {
+    __m512 acc[KernelW];
+    window_row_scores<KernelW>(query_t, key_rows[a] + tile.base, channel_stride, g.dim, index, acc);
+    store_window_row_scores<KernelW>(acc, bias, row_rel[a], rel_index, scores + 16 * a * KernelW, top);
+  }
+  normalize_lanes(scores, g.kernel_h * KernelW, top);
   for (int64_t e = 0; e < g.dim; e += kValueChannels) {
     __m512 acc[kValueChannels];
     for (int u = 0; u < kValueChannels; ++u) acc[u] = _mm512_setzero_ps();
     for (int64_t a = 0; a < g.kernel_h; ++a)
       window_row_values<KernelW>(scores + 16 * a * KernelW, value_rows[a] + e * channel_stride + tile.base,
                                  channel_stride, index, acc);
+    for (int u = 0; u < kValueChannels; ++u) _mm512_store_ps(out_t + 16 * (e + u), acc[u]);
+  }
+}
+
+// ---- the 16-queries path with bfloat16 pair products ------------------------------------------------------
+// A key slot holds [channel pair][column]. A value slot holds, for each channel and column x, the pair (value at x,
+// value at x + 1): one permute gives every lane the values of its window columns c and c + 1, wherever its
+// window starts. An odd window's last column pairs with its left neighbour, weighted 0.
+
+// row (count widened bfloat16, zero in its last 16) -> row[x] = the pair (row[x], row[x + 1]), in place
+DINAT_AVX512 inline void neighbour_pairs(float* row, int64_t count) {
+  const __m512i upper = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t x = 0; x + 16 < count; x += 16) {
+    const __m512i here = _mm512_castps_si512(_mm512_loadu_ps(row + x));
+    const __m512i next = _mm512_castps_si512(_mm512_loadu_ps(row + x + 1));
+    _mm512_storeu_ps(row + x, _mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(here, 16),
+                                                                  _mm512_and_si512(next, upper))));
+  }
+}
+
+// acc[c] = sum_p query_t[p] . (keys of channel pair p, window column c)
+template <int KernelW>
+DINAT_AVX512_BF16 inline void window_row_scores_pairs(const uint32_t* query_t, const uint32_t* keys, int64_t stride,
+                                                      int64_t pairs, const __m512i* index, __m512* acc) {
+  for (int c = 0; c < KernelW; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p, keys += stride) {
+    const __m512bh q = (__m512bh)_mm512_load_si512(query_t + 16 * p);
+    const __m512i lo = _mm512_loadu_si512(keys), hi = _mm512_loadu_si512(keys + 16);
+    for (int c = 0; c < KernelW; ++c)
+      acc[c] = _mm512_dpbf16_ps(acc[c], q, (__m512bh)_mm512_permutex2var_epi32(lo, index[c], hi));
+  }
+}
+
+// the first window column of column pair i: (2i, 2i + 1), and (K - 2, K - 1) for an odd window's last
+template <int KernelW>
+constexpr int pair_column(int i) { return 2 * i + 1 < KernelW ? 2 * i : KernelW - 2; }
+
+// out_t[e] += sum_i prob_pairs[i] . (value pair of channel e at column pair_column(i)), for eight channels
+template <int KernelW>
+DINAT_AVX512_BF16 inline void window_row_values_pairs(const uint32_t* prob_pairs, const uint32_t* values,
+                                                      int64_t stride, const __m512i* index, __m512* acc) {
+  for (int u = 0; u < kValueChannels; ++u, values += stride) {
+    const __m512i lo = _mm512_loadu_si512(values), hi = _mm512_loadu_si512(values + 16);
+    for (int i = 0; i < (KernelW + 1) / 2; ++i)
+      acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_load_si512(prob_pairs + 16 * i),
+                                (__m512bh)_mm512_permutex2var_epi32(lo, index[pair_column<KernelW>(i)], hi));
+  }
+}
+
+// forward_tile on bfloat16 pairs: query_t[16 p + l] is channel pair p of lane l's query (unscaled); key_rows and
+// value_rows are slots of pairs as above
+template <int KernelW>
+DINAT_AVX512_BF16 void forward_tile_pairs(const Geometry& g, const LaneTile& tile, const uint32_t* const* key_rows,
+                                          const uint32_t* const* value_rows, const int64_t* row_rel,
+                                          int64_t padded_width, const float* bias, const uint32_t* query_t,
+                                          float scale, float* scores, uint32_t* prob_pairs, float* out_t) {
+  constexpr int kPairs = (KernelW + 1) / 2;
+  __m512i index[KernelW], rel_index[KernelW];
+  lane_indices<KernelW>(tile, index, rel_index);
+  const __m512 factor = _mm512_set1_ps(scale);
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t a = 0; a < g.kernel_h; ++a) {
+    __m512 acc[KernelW];
+    window_row_scores_pairs<KernelW>(query_t, key_rows[a] + tile.base, padded_width, g.dim / 2, index, acc);
+    for (int c = 0; c < KernelW; ++c) acc[c] = _mm512_mul_ps(acc[c], factor);
+    store_window_row_scores<KernelW>(acc, bias, row_rel[a], rel_index, scores + 16 * a * KernelW, top);
+  }
+  normalize_lanes(scores, g.kernel_h * KernelW, top);
+  for (int64_t a = 0; a < g.kernel_h; ++a) {
+    const float* row = scores + 16 * a * KernelW;
+    for (int i = 0; i < kPairs; ++i) {
+      const int c = pair_column<KernelW>(i);
+      const __m512 first = 2 * i + 1 < KernelW ? _mm512_load_ps(row + 16 * c) : _mm512_setzero_ps();
+      _mm512_store_si512(prob_pairs + 16 * (a * kPairs + i), round_to_pairs(first, _mm512_load_ps(row + 16 * (c + 1))));
+    }
+  }
+  for (int64_t e = 0; e < g.dim; e += kValueChannels) {
+    __m512 acc[kValueChannels];
+    for (int u = 0; u < kValueChannels; ++u) acc[u] = _mm512_setzero_ps();
+    for (int64_t a = 0; a < g.kernel_h; ++a)
+      window_row_values_pairs<KernelW>(prob_pairs + 16 * a * kPairs, value_rows[a] + e * padded_width + tile.base,
+                                       padded_width, index, acc);
     for (int u = 0; u < kValueChannels; ++u) _mm512_store_ps(out_t + 16 * (e + u), acc[u]);
   }
 }
@@ -568,6 +706,13 @@ DINAT_AVX512 void forward_heads_lanes(const Geometry& g, const AxisWindows& rows
   std::vector<float> scores_storage(kMaxWindow * 16 + 16);
   float* scores = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scores_storage.data()) + 63) & ~uintptr_t(63));
   std::vector<const float*> key_rows(g.kernel_h), value_rows(g.kernel_h);
+  // bfloat16 pair products (forward_tile_pairs): the slots hold pairs, the query is transposed as pairs
+  const bool pairs = std::is_same_v<Src, uint16_t> && pair_products_fit(g.dim);
+  alignas(64) uint32_t query_pairs[32 * 16];
+  std::vector<uint32_t> prob_pairs_storage(pairs ? kMaxWindow * 16 + 16 : 0);
+  uint32_t* prob_pairs =
+      reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(prob_pairs_storage.data()) + 63) & ~uintptr_t(63));
+  std::vector<const uint32_t*> key_pairs(g.kernel_h), value_pairs(g.kernel_h);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / g.heads, h = task % g.heads;
     std::fill(slot_row.begin(), slot_row.end(), int64_t(-1));
@@ -588,9 +733,18 @@ DINAT_AVX512 void forward_heads_lanes(const Geometry& g, const AxisWindows& rows
             key_src[l] = inside ? kp + b * ks.s0 + h * ks.s1 + r * ks.s2 + x * ks.s3 : zeros.data();
             value_src[l] = inside ? vp + b * vs.s0 + h * vs.s1 + r * vs.s2 + x * vs.s3 : zeros.data();
           }
+          if constexpr (std::is_same_v<Src, uint16_t>) {
+            if (pairs) {
+              transpose_pair_rows(key_src, g.dim / 2, reinterpret_cast<uint32_t*>(key_slot) + first, padded_width);
+              gather_transposed(value_src, g.dim, 1.0f, value_slot + first, padded_width);
+              continue;
+            }
+          }
           gather_transposed(key_src, g.dim, 1.0f, key_slot + first, padded_width);
           gather_transposed(value_src, g.dim, 1.0f, value_slot + first, padded_width);
         }
+        if (pairs)
+          for (int64_t e = 0; e < g.dim; ++e) neighbour_pairs(value_slot + e * padded_width, padded_width);
       }
       return std::make_pair(static_cast<const float*>(key_slot), static_cast<const float*>(value_slot));
     };
@@ -600,15 +754,28 @@ DINAT_AVX512 void forward_heads_lanes(const Geometry& g, const AxisWindows& rows
     for (const int64_t i : rows.order) {
       const int64_t* row_keys = &rows.keys[i * g.kernel_h];
       const int64_t* row_rel = &rows.rel[i * g.kernel_h];
-      for (int64_t a = 0; a < g.kernel_h; ++a) std::tie(key_rows[a], value_rows[a]) = transposed_row(row_keys[a]);
+      for (int64_t a = 0; a < g.kernel_h; ++a) {
+        std::tie(key_rows[a], value_rows[a]) = transposed_row(row_keys[a]);
+        key_pairs[a] = reinterpret_cast<const uint32_t*>(key_rows[a]);
+        value_pairs[a] = reinterpret_cast<const uint32_t*>(value_rows[a]);
+      }
       for (const LaneTile& tile : tiles) {
         const Src* query_rows[16];
         for (int64_t lane = 0; lane < 16; ++lane)
           query_rows[lane] = qp + b * qs.s0 + h * qs.s1 + i * qs.s2 + tile.column[lane] * qs.s3;
-        gather_transposed(query_rows, g.dim, scale, query_t, 16);
         const float* bias_h = bp != nullptr ? bias.data() : nullptr;
-        forward_tile<KernelW>(g, tile, key_rows.data(), value_rows.data(), row_rel, padded_width, bias_h, query_t,
-                              scores, out_t);
+        if constexpr (std::is_same_v<Src, uint16_t>) {
+          if (pairs) {
+            transpose_pair_rows(query_rows, g.dim / 2, query_pairs, 16);
+            forward_tile_pairs<KernelW>(g, tile, key_pairs.data(), value_pairs.data(), row_rel, padded_width, bias_h,
+                                        query_pairs, scale, scores, prob_pairs, out_t);
+          }
+        }
+        if (!pairs) {
+          gather_transposed(query_rows, g.dim, scale, query_t, 16);
+          forward_tile<KernelW>(g, tile, key_rows.data(), value_rows.data(), row_rel, padded_width, bias_h, query_t,
+                                scores, out_t);
+        }
         const __mmask16 used = static_cast<__mmask16>((1u << tile.count) - 1);
         scatter_transposed(out_t, g.dim, tile, op + b * os.s0 + h * os.s1 + i * os.s2, os.s3, used);
         if (pp != nullptr)
@@ -825,21 +992,6 @@ DINAT_AVX512 inline void softmax_row(const float* row, __m512 (&s)[Width]) {
   for (int j = 0; j < Width; ++j) s[j] = _mm512_mul_ps(s[j], inverse);
 }
 
-// ---- bfloat16 on CPUs with AVX512-BF16, in the group path: bfloat16 pair products ---------------------------
-// vdpbf16ps multiplies 16 pairs of bfloat16 and adds both products of each pair to a float32 sum: a pair of
-// multiply-adds per lane, where the float32 path widens the bfloat16 inputs and does one. The scores are sums of
-// the exact products of q and k in float32, the softmax runs in float32, and the values are weighted with the
-// probabilities rounded to bfloat16 (a relative error of at most 2^-9 each, the precision of the bfloat16 values
-// they weight). Operands hold pairs as uint32: a row-major pair matrix has a row's two neighbours in one uint32, a
-// "pair rows" matrix has rows 2m and 2m + 1 interleaved in its row m.
-#define DINAT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
-
-// head_dims of whole 32-value (one vector of pairs) chunks, on a CPU with the instructions
-bool pair_products_fit(int64_t dim) {
-  static const bool instructions = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
-  return instructions && dim % 32 == 0;
-}
-
 // acc[r][j] += sum_p a[r * lda + p] * b[p][16 j .. 16 j + 15] as bfloat16 pairs; b rows are Width vectors
 template <int Width, int Rows>
 DINAT_AVX512_BF16 inline void pair_products(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t depth,
@@ -854,19 +1006,16 @@ DINAT_AVX512_BF16 inline void pair_products(const uint32_t* a, int64_t lda, cons
   }
 }
 
-// rows[n] (n < count, `pairs` uint32 each) -> out[p][n] (row stride 16 * Width), columns n >= count zero
+// rows[n] (n < count, 2 * pairs bfloat16 each) -> out[p][n] (row stride 16 * Width), columns n >= count zero
 template <int Width>
-DINAT_AVX512_BF16 inline void transpose_pairs(const uint32_t* const* rows, int64_t count, int64_t pairs,
+DINAT_AVX512_BF16 inline void transpose_pairs(const uint16_t* const* rows, int64_t count, int64_t pairs,
                                               uint32_t* out) {
-  for (int64_t chunk = 0; chunk < pairs; chunk += 16)
-    for (int64_t first = 0; first < 16 * Width; first += 16) {
-      __m512 m[16];
-      for (int l = 0; l < 16; ++l)
-        m[l] = first + l < count ? _mm512_castsi512_ps(_mm512_loadu_si512(rows[first + l] + chunk))
-                                 : _mm512_setzero_ps();
-      transpose16(m);
-      for (int e = 0; e < 16; ++e) _mm512_store_ps(reinterpret_cast<float*>(out + (chunk + e) * 16 * Width + first), m[e]);
-    }
+  static const uint16_t zero_row[64] = {};
+  for (int64_t first = 0; first < 16 * Width; first += 16) {
+    const uint16_t* block[16];
+    for (int l = 0; l < 16; ++l) block[l] = first + l < count ? rows[first + l] : zero_row;
+    transpose_pair_rows(block, pairs, out + first, 16 * Width);
+  }
 }
 
 // rows[n] (n < count, dim bfloat16 each) -> out[m][c]: the pair (rows[2m][c], rows[2m + 1][c]), a zero row past count
@@ -933,7 +1082,7 @@ void group_attention_pairs(int64_t window, const uint16_t* const* query_rows, co
   float* scores = scratch[3];
   uint16_t* probs = reinterpret_cast<uint16_t*>(scratch[4]);
   for (int64_t r = 0; r < window; ++r) std::memcpy(query + r * pairs, query_rows[r], 4 * pairs);
-  transpose_pairs<Width>(reinterpret_cast<const uint32_t* const*>(key_rows), window, pairs, keys_t);
+  transpose_pairs<Width>(key_rows, window, pairs, keys_t);
   interleave_row_pairs(value_rows, window, 16 * Chunks, values);
   over_tiles<Width>(window, [&](auto rows, int64_t first) {
     score_tile<Width, decltype(rows)::value>(query + first * pairs, pairs, keys_t, bias + first * padded, scale,
