@@ -1058,14 +1058,14 @@ DINAT_AVX512_BF16 void value_tile(const uint32_t* probs, int64_t lda, const uint
     for (int j = 0; j < Chunks; ++j) store16(out[r] + 16 * j, acc[r][j]);
 }
 
-// row of scores -> its softmax in float32 (in place) and rounded to bfloat16 (probs)
+// row of scores -> its softmax in float32 (in place) and rounded to bfloat16 as torch rounds (probs)
 template <int Width>
 DINAT_AVX512_BF16 void softmax_pairs_row(float* row, uint16_t* probs) {
   __m512 s[Width];
   softmax_row<Width>(row, s);
   for (int j = 0; j < Width; ++j) {
     _mm512_store_ps(row + 16 * j, s[j]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(probs + 16 * j), (__m256i)_mm512_cvtneps_pbh(s[j]));
+    store16(probs + 16 * j, s[j]);
   }
 }
 
