@@ -68,7 +68,7 @@ def test_kernel_matches_reference_forward_and_backward(case, use_rpb, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_inputs_are_computed_in_float32_and_returned_in_their_dtype(dtype):
+def test_half_inputs_match_the_reference_and_come_back_in_their_dtype(dtype):
     reference_run(VECTOR_CASES[1], seed=3).check_backend("cpp", dtype, backward=True)
 
 

@@ -1107,10 +1107,10 @@ DINAT_AVX512 void forward_groups(const Geometry& g, const GroupLayout& layout, i
                                  const float* bias, Src* op, const View5& os, float* pp, float scale, int64_t begin,
                                  int64_t end) {
   constexpr int64_t padded = 16 * Width, dim = 16 * Chunks;
-  Scratch scratch(5);
+  const bool bfloat16_pairs = std::is_same_v<Src, uint16_t> && pair_products_fit(dim);
+  Scratch scratch(bfloat16_pairs ? 5 : 4);  // the pair products keep their bfloat16 probabilities in a fifth
   float *query = scratch[0], *keys_t = scratch[1], *values = scratch[2], *probs = scratch[3];
   const Src zeros[64] = {};
-  const bool bfloat16_pairs = std::is_same_v<Src, uint16_t> && pair_products_fit(dim);
   const Src *query_rows[kMaxGroupWindow], *key_rows[kMaxGroupWindow], *value_rows[kMaxGroupWindow];
   Src* out_rows[kMaxGroupWindow];
   for (int64_t task = begin; task < end; ++task) {
