@@ -92,14 +92,15 @@ def format_tables(rows: list[dict], budget_rows: list[dict], target: float) -> s
     lines = ["| model | mode | ms / call | " + " | ".join(CATEGORIES) + " |",
              "|---|---|---|" + "---|" * len(CATEGORIES)]
     for r in rows:
-        cells = " | ".join(f"{r[c]:.0f} ({100 * r[c] / r['ms']:.0f}%)" for c in CATEGORIES)
-        lines.append(f"| {r['model']} | {r['mode']} | {r['ms']:.0f} | {cells} |")
+        cells = " | ".join(f"{r[c]:.1f} ({100 * r[c] / r['ms']:.0f}%)" for c in CATEGORIES)
+        lines.append(f"| {r['model']} | {r['mode']} | {r['ms']:.1f} | {cells} |")
     lines += ["", f"Budget for {target:g}x (ms per call):", "",
               "| mode | peer | peer | budget | DiNAT | DiNAT outside attention | DiNAT attention | left for attention |",
               "|---|---|---|---|---|---|---|---|"]
     for b in budget_rows:
-        lines.append(f"| {b['mode']} | {b['peer']} | {b['peer_ms']:.0f} | {b['budget_ms']:.0f} | {b['dinat_ms']:.0f} | "
-                     f"{b['outside_attention_ms']:.0f} | {b['attention_ms']:.0f} | {b['left_for_attention_ms']:.0f} |")
+        ms = (b[k] for k in ("peer_ms", "budget_ms", "dinat_ms", "outside_attention_ms", "attention_ms",
+                             "left_for_attention_ms"))
+        lines.append(f"| {b['mode']} | {b['peer']} | " + " | ".join(f"{v:.1f}" for v in ms) + " |")
     return "\n".join(lines)
 
 

@@ -82,7 +82,7 @@ def test_breakdown_sorts_a_tiny_dinats_time_into_kinds_of_op(tmp_path):
     for row in rows:
         total = float(row[2])
         kinds = [float(cell.split("(")[0]) for cell in row[3:]]
-        assert len(kinds) == 5 and abs(sum(kinds) - total) <= 3  # the kinds split the whole (rounded to 1 ms)
+        assert len(kinds) == 5 and abs(sum(kinds) - total) <= 0.4  # the kinds split the whole (each to 0.1 ms)
         assert kinds[0] > 0 and kinds[1] > 0  # linear layers and neighborhood attention both ran
 
 
