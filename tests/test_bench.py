@@ -88,6 +88,10 @@ def test_allocator_settings_are_recorded_and_printed(monkeypatch):
     (["--peers", "resnet-50"], "--peers must be"),
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--compile-modes", "fast"], "--compile-modes must be"),
+    (["--compile-options", "[1]"], "--compile-options must be a JSON object"),
+    (["--compile-options", '{"no_such_option": 1}'], "not an inductor option: no_such_option"),
+    (["--compile-options", '{"reorder_for_peak_memory": false}', "--compile-backend", "aot_eager"],
+     "--compile-options are inductor's options"),
 ])
 def test_bad_options_are_one_line_errors(argv, message, capsys):
     assert main(["bench", *argv]) == 1
@@ -131,3 +135,25 @@ def test_every_compiled_case_runs_compiled_when_several_models_are_compiled():
             before = len(calls)
             case.fn()
             assert len(calls) > before, f"{case.model} ({case.mode}) ran eagerly"
+
+
+def test_compile_options_reach_torch_compile_and_the_tables(monkeypatch):
+    options = {"reorder_for_peak_memory": False}
+    seen = []
+
+    def recording_compile(model, **kwargs):
+        seen.append(kwargs)
+        return model
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    cases = bench.compile_cases(_tiny_contenders()[:1], 2, 64, ["inference fp32"], "inductor", lambda _: None, options)
+    assert seen == [{"backend": "inductor", "options": options}]
+    rows = []
+    for case, images_per_s in zip(cases, (10.0, 12.5)):
+        rows.append(dict(part="compile", mode=case.mode, model=case.model, images_per_s=images_per_s, **case.extra))
+    results = {"rows": rows, "machine": bench.machine(1),
+               "settings": {"dinat": "tiny DiNAT", "peers": [], "threads": 1, "rounds": 1, "batch": 2, "size": 64,
+                            "backbone_size": 64}}
+    tables = bench.format_markdown(results)
+    assert 'torch.compile (backend inductor, options {"reorder_for_peak_memory": false}), batch 2' in tables
+    assert "| tiny DiNAT | inference fp32 | 10.0 | 12.5 | 1.25x |" in tables

@@ -21,6 +21,7 @@ the reference stack, charts) lives in the repository's benchmarks/ folder.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import time
@@ -250,16 +251,17 @@ def compile_room(cases: int) -> Iterator[None]:
 
 
 def compile_cases(contenders: list[Contender], batch: int, size: int, modes: list[str], backend: str | Callable,
-                  progress: Callable[[str], None]) -> list[Case]:
+                  progress: Callable[[str], None], options: dict | None = None) -> list[Case]:
     """Eager and compiled versions of each contender and mode; the compiled ones are compiled (and run
-    twice) here, so that timing sees no compilation. Compile and time them inside `compile_room`."""
+    twice) here, so that timing sees no compilation. Compile and time them inside `compile_room`.
+    `options` go to torch.compile (inductor's options)."""
     pixels, labels = _images(batch, size)
     cases = []
     for contender in contenders:
         for mode in modes:
             for compiled in (False, True):
                 model = _seeded(contender.classifier)
-                runner = torch.compile(model, backend=backend) if compiled else model
+                runner = torch.compile(model, backend=backend, options=options) if compiled else model
                 if mode == "training step fp32":
                     model.train()
                     fn = _train_step(runner, pixels, labels)
@@ -276,7 +278,7 @@ def compile_cases(contenders: list[Contender], batch: int, size: int, modes: lis
                 label = f"{contender.name} {'compiled' if compiled else 'eager'}"
                 cases.append(Case("compile", mode, label, batch, size, fn, extra=extra | {
                     "contender": contender.name, "compiled": compiled,
-                    "compile_backend": getattr(backend, "__name__", backend)}))
+                    "compile_backend": getattr(backend, "__name__", backend), "compile_options": options or {}}))
     return cases
 
 
@@ -399,7 +401,9 @@ def format_markdown(results: dict) -> str:
                             "float32 kernels on bf16-rounded operands, so its bf16 row is set against the float32 rate."]
     compiled = [r for r in rows if r["part"] == "compile" and r.get("compiled")]
     if compiled:
-        out += ["", "### torch.compile", "", f"torch.compile (backend {compiled[0]['compile_backend']}), batch {s['batch']}, images/s:", "",
+        options = compiled[0].get("compile_options")
+        how = f"backend {compiled[0]['compile_backend']}" + (f", options {json.dumps(options)}" if options else "")
+        out += ["", "### torch.compile", "", f"torch.compile ({how}), batch {s['batch']}, images/s:", "",
                 "| model | mode | eager | compiled | compiled / eager | target >= 1 | compile time |",
                 "|---|---|---|---|---|---|---|"]
         for r in compiled:
@@ -431,7 +435,7 @@ def run_benchmark(model: str = "mini", peers: list[str] = list(PEERS), parts: li
                   batch: int = 8, size: int = 224, backbone_size: int = 1024, threads: int | None = None,
                   rounds: int = 3, min_run_time: float = 1.0, compile_modes: list[str] = ("inference fp32",
                   "training step fp32"), compile_peers: bool = False, compile_backend: str = "inductor",
-                  progress: Callable[[str], None] = lambda _: None,
+                  compile_options: dict | None = None, progress: Callable[[str], None] = lambda _: None,
                   checkpoint: Callable[[dict], None] = lambda _: None) -> dict:
     """Measure; returns {"machine", "settings", "rows", "targets", "compare"} (see the module docstring).
     `checkpoint` gets the results so far after each part (a long run interrupted keeps what it measured)."""
@@ -474,7 +478,8 @@ def run_benchmark(model: str = "mini", peers: list[str] = list(PEERS), parts: li
             progress("compile: compiling (the first call; minutes with inductor on a cold cache)")
             compiled = contenders if compile_peers else [mine]
             with compile_room(len(compiled) * len(compile_modes)):
-                timed(compile_cases(compiled, batch, size, list(compile_modes), compile_backend, progress))
+                timed(compile_cases(compiled, batch, size, list(compile_modes), compile_backend, progress,
+                                    compile_options))
         if "latency" in parts:
             timed(model_cases(contenders, 1, size, ("inference fp32", "inference bf16 autocast"), part="latency"))
         if "backbone" in parts:

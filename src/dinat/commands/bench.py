@@ -24,6 +24,27 @@ def parse_list(text: str, name: str, allowed=None, kind=str) -> list:
     return values
 
 
+def parse_compile_options(text: str | None, backend: str) -> dict | None:
+    """--compile-options as a dict of inductor options, checked before anything compiles: torch.compile ignores
+    options silently for other backends, and inductor names an unknown one only at the first call."""
+    if text is None:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError:
+        options = None
+    if not isinstance(options, dict):
+        raise ValueError(f"--compile-options must be a JSON object of inductor options, got {text!r}")
+    if backend != "inductor":
+        raise ValueError(f"--compile-options are inductor's options; --compile-backend is {backend!r}")
+    import torch._inductor
+
+    unknown = sorted(set(options) - set(torch._inductor.list_options()))
+    if unknown:
+        raise ValueError(f"--compile-options: not an inductor option: {', '.join(unknown)}")
+    return options
+
+
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="mini", help="DiNAT preset or DinatConfig file/folder (default: mini)")
     parser.add_argument("--peers", default=",".join(PEERS),
@@ -40,6 +61,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"modes of the compile part, from: {', '.join(MODES)}")
     parser.add_argument("--compile-peers", action="store_true", help="compile the peers too (slow)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    parser.add_argument("--compile-options", default=None, metavar="JSON",
+                        help="inductor options for the compile part, a JSON object "
+                             "(e.g. '{\"reorder_for_peak_memory\": false}')")
     parser.add_argument("--output", type=Path, default=Path("bench-results/bench.json"), help="JSON to write")
     parser.set_defaults(func=run)
     return parser
@@ -68,11 +92,12 @@ def options(args: argparse.Namespace) -> dict:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.min_run_time <= 0:
         raise ValueError(f"--min-run-time must be > 0, got {args.min_run_time}")
+    compile_options = parse_compile_options(args.compile_options, args.compile_backend)
     dinat_contender(args.model)  # an unknown model fails here, before anything runs
     return dict(model=args.model, peers=peers, parts=parts, batch=args.batch, size=args.size,
                 backbone_size=args.backbone_size, threads=args.threads, rounds=args.rounds,
                 min_run_time=args.min_run_time, compile_modes=compile_modes, compile_peers=args.compile_peers,
-                compile_backend=args.compile_backend)
+                compile_backend=args.compile_backend, compile_options=compile_options)
 
 
 def write(results: dict, output: Path) -> None:
