@@ -88,6 +88,7 @@ def test_allocator_settings_are_recorded_and_printed(monkeypatch):
     (["--peers", "resnet-50"], "--peers must be"),
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--compile-modes", "fast"], "--compile-modes must be"),
+    (["--compile-rounds", "0"], "--compile-rounds must be >= 1"),
     (["--compile-options", "[1]"], "--compile-options must be a JSON object"),
     (["--compile-options", '{"no_such_option": 1}'], "not an inductor option: no_such_option"),
     (["--compile-options", '{"reorder_for_peak_memory": false}', "--compile-backend", "aot_eager"],

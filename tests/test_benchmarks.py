@@ -30,9 +30,9 @@ def test_benchmark_runs_every_part_on_a_tiny_dinat(tmp_path):
     output, markdown, charts = tmp_path / "bench.json", tmp_path / "tables.md", tmp_path / "charts"
     result = run("benchmark.py", "--model", str(config_dir), "--peers", "", "--batch", "2", "--size", "64",
                  "--backbone-size", "64", "--scaling-sizes", "64,96", "--op-batch", "1", "--op-dtypes", "float32",
-                 "--memory-batch", "1", "--rounds", "1", "--min-run-time", "0.01", "--threads", "1",
-                 "--compile-backend", "aot_eager", "--output", str(output), "--markdown", str(markdown),
-                 "--plot", str(charts), cwd=tmp_path)
+                 "--memory-batch", "1", "--rounds", "1", "--compile-rounds", "2", "--min-run-time", "0.01",
+                 "--threads", "1", "--compile-backend", "aot_eager", "--output", str(output),
+                 "--markdown", str(markdown), "--plot", str(charts), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads(output.read_text())
     parts = {row["part"] for row in results["rows"]}
@@ -40,6 +40,7 @@ def test_benchmark_runs_every_part_on_a_tiny_dinat(tmp_path):
     compiled = [r for r in results["rows"] if r["part"] == "compile" and r["compiled"]]
     assert {r["mode"] for r in compiled} == {"inference fp32", "training step fp32"}
     assert all(r["compile_backend"] == "aot_eager" and r["compile_s"] > 0 for r in compiled)
+    assert results["settings"]["compile_rounds"] == 2
     assert sorted(r["size"] for r in results["rows"] if r["part"] == "scaling") == [64, 96]
     # every DiNAT-mini stage shape, both passes, and the linear-layer yardstick per stage
     ops = [r for r in results["rows"] if r["part"] == "ops"]
@@ -49,6 +50,7 @@ def test_benchmark_runs_every_part_on_a_tiny_dinat(tmp_path):
     assert all(r["peak_memory_mib"] > 0 for r in results["rows"] if r["part"] == "memory")
     tables = markdown.read_text()
     assert "| stage1 (56x56 x2 heads) | 8 |" in tables and "compiled / eager" in tables
+    assert "backend aot_eager), batch 2, 2 interleaved rounds" in tables
     assert {p.name for p in charts.iterdir()} == {"performance_models.png", "performance_scaling.png"}
     assert all(p.read_bytes()[:8] == PNG for p in charts.iterdir())
     # the tables again from the JSON alone, and the charts script alone

@@ -7,7 +7,7 @@ weights, one process, the same batch, resolution, threads and dtype. Parts (`--p
             cross-entropy, backward, SGD step): images/s, DiNAT / peer and the 1.4x target
   gemm      a 2048x2048 matmul in float32 and bfloat16 (this machine's GEMM rate) and each model's FLOPs
             (torch.utils.flop_counter): the fraction of the GEMM rate each model reaches
-  compile   torch.compile against eager, inference and training step, in the same rounds
+  compile   torch.compile against eager, inference and training step, in the same rounds (--compile-rounds)
   latency   batch-1 inference, float32 and bfloat16 autocast
   backbone  backbone inference (the four stages' feature maps) at detection sizes (--backbone-size)
 
@@ -403,7 +403,9 @@ def format_markdown(results: dict) -> str:
     if compiled:
         options = compiled[0].get("compile_options")
         how = f"backend {compiled[0]['compile_backend']}" + (f", options {json.dumps(options)}" if options else "")
-        out += ["", "### torch.compile", "", f"torch.compile ({how}), batch {s['batch']}, images/s:", "",
+        rounds = s.get("compile_rounds", s["rounds"])
+        out += ["", "### torch.compile", "",
+                f"torch.compile ({how}), batch {s['batch']}, {rounds} interleaved rounds, images/s:", "",
                 "| model | mode | eager | compiled | compiled / eager | target >= 1 | compile time |",
                 "|---|---|---|---|---|---|---|"]
         for r in compiled:
@@ -435,7 +437,8 @@ def run_benchmark(model: str = "mini", peers: list[str] = list(PEERS), parts: li
                   batch: int = 8, size: int = 224, backbone_size: int = 1024, threads: int | None = None,
                   rounds: int = 3, min_run_time: float = 1.0, compile_modes: list[str] = ("inference fp32",
                   "training step fp32"), compile_peers: bool = False, compile_backend: str = "inductor",
-                  compile_options: dict | None = None, progress: Callable[[str], None] = lambda _: None,
+                  compile_options: dict | None = None, compile_rounds: int = 8,
+                  progress: Callable[[str], None] = lambda _: None,
                   checkpoint: Callable[[dict], None] = lambda _: None) -> dict:
     """Measure; returns {"machine", "settings", "rows", "targets", "compare"} (see the module docstring).
     `checkpoint` gets the results so far after each part (a long run interrupted keeps what it measured)."""
@@ -449,7 +452,8 @@ def run_benchmark(model: str = "mini", peers: list[str] = list(PEERS), parts: li
         contenders = [mine] + others
         settings = {"dinat": mine.name, "peers": [c.name for c in others], "parts": list(parts), "batch": batch,
                     "size": size, "backbone_size": backbone_size, "threads": threads, "rounds": rounds,
-                    "min_run_time_s": min_run_time, "timer": "torch.utils.benchmark.Timer.blocked_autorange",
+                    "compile_rounds": compile_rounds, "min_run_time_s": min_run_time,
+                    "timer": "torch.utils.benchmark.Timer.blocked_autorange",
                     "training_step": "forward, cross-entropy, backward, SGD step (float32)"}
         measured: list[tuple[Case, benchmark.Measurement]] = []
 
@@ -462,9 +466,9 @@ def run_benchmark(model: str = "mini", peers: list[str] = list(PEERS), parts: li
             return {"machine": info, "settings": settings, "rows": rows,
                     "targets": summarize(rows, mine.name, settings["peers"]), "compare": str(compare)}
 
-        def timed(cases):
+        def timed(cases, part_rounds=rounds):
             if cases:
-                results = run_rounds(cases, rounds, threads, min_run_time, progress)
+                results = run_rounds(cases, part_rounds, threads, min_run_time, progress)
                 measured.extend((c, results[c.key()]) for c in cases)
                 checkpoint(results_so_far())
 
@@ -479,7 +483,7 @@ def run_benchmark(model: str = "mini", peers: list[str] = list(PEERS), parts: li
             compiled = contenders if compile_peers else [mine]
             with compile_room(len(compiled) * len(compile_modes)):
                 timed(compile_cases(compiled, batch, size, list(compile_modes), compile_backend, progress,
-                                    compile_options))
+                                    compile_options), compile_rounds)
         if "latency" in parts:
             timed(model_cases(contenders, 1, size, ("inference fp32", "inference bf16 autocast"), part="latency"))
         if "backbone" in parts:

@@ -61,6 +61,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"modes of the compile part, from: {', '.join(MODES)}")
     parser.add_argument("--compile-peers", action="store_true", help="compile the peers too (slow)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    parser.add_argument("--compile-rounds", type=int, default=8,
+                        help="interleaved rounds of the compile part (default 8: a training step is one call of about "
+                             "a second, and compiled and eager differ by a few percent)")
     parser.add_argument("--compile-options", default=None, metavar="JSON",
                         help="inductor options for the compile part, a JSON object "
                              "(e.g. '{\"reorder_for_peak_memory\": false}')")
@@ -83,9 +86,9 @@ def options(args: argparse.Namespace) -> dict:
     compile_modes = parse_list(args.compile_modes, "compile-modes", MODES)
     if not parts:
         raise ValueError("--parts is empty")
-    for name in ("batch", "rounds"):
+    for name in ("batch", "rounds", "compile_rounds"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.size < 32 or args.backbone_size < 32:
         raise ValueError(f"--size and --backbone-size must be >= 32, got {args.size} and {args.backbone_size}")
     if args.threads is not None and args.threads < 1:
@@ -97,7 +100,8 @@ def options(args: argparse.Namespace) -> dict:
     return dict(model=args.model, peers=peers, parts=parts, batch=args.batch, size=args.size,
                 backbone_size=args.backbone_size, threads=args.threads, rounds=args.rounds,
                 min_run_time=args.min_run_time, compile_modes=compile_modes, compile_peers=args.compile_peers,
-                compile_backend=args.compile_backend, compile_options=compile_options)
+                compile_backend=args.compile_backend, compile_options=compile_options,
+                compile_rounds=args.compile_rounds)
 
 
 def write(results: dict, output: Path) -> None:
