@@ -61,9 +61,8 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"modes of the compile part, from: {', '.join(MODES)}")
     parser.add_argument("--compile-peers", action="store_true", help="compile the peers too (slow)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
-    parser.add_argument("--compile-rounds", type=int, default=8,
-                        help="interleaved rounds of the compile part (default 8: a training step is one call of about "
-                             "a second, and compiled and eager differ by a few percent)")
+    parser.add_argument("--compile-rounds", type=int, default=bench.COMPILE_ROUNDS,
+                        help=f"interleaved rounds of the compile part (default {bench.COMPILE_ROUNDS})")
     parser.add_argument("--compile-options", default=None, metavar="JSON",
                         help="inductor options for the compile part, a JSON object "
                              "(e.g. '{\"reorder_for_peak_memory\": false}')")
